@@ -1,0 +1,208 @@
+"""The decoder's configuration, the published sizes, and their parameter counts.
+
+A `ModelConfig` is a frozen dataclass rather than a ConfigDict because it is
+a Flax module attribute (it must be hashable), it is written into every
+checkpoint as JSON, and a typo in a field name must fail loudly. Experiment
+configs (`configs/*.py`, ml_collections) carry a `model` ConfigDict made by
+`preset_dict(name)`; `ModelConfig.from_dict` validates it.
+
+Fields split in two groups: *architecture* (what a checkpoint must agree on:
+shapes, RoPE, norms) and *execution* (dtypes, remat, scan, attention
+implementation), which may differ between the job that saved a checkpoint
+and the job that loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+ARCH_FIELDS = (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn",
+    "norm_eps", "tie_embeddings", "rope_theta", "rope_scaling", "yarn_factor",
+    "yarn_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+    "yarn_mscale_all_dim", "query_temperature_beta", "query_temperature_len", "max_seq_len",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Ministral 3 / Mistral Small 3.1 text decoder (paper Table 1)."""
+
+  # --- architecture ---
+  vocab_size: int = 131_072
+  d_model: int = 4096  # HF hidden_size
+  n_layers: int = 34
+  n_heads: int = 32
+  n_kv_heads: int = 8
+  head_dim: int = 128  # independent of d_model / n_heads
+  d_ffn: int = 14336  # HF intermediate_size
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  rope_theta: float = 1e6
+  rope_scaling: str = "yarn"  # "none" (plain RoPE) or "yarn"
+  yarn_factor: float = 16.0
+  yarn_original_max_len: int = 16_384  # also L0 of the query temperature
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 1.0
+  yarn_mscale_all_dim: float = 1.0
+  # Query temperature 1 + beta * log(1 + floor(pos / len)) ("llama_4_scaling").
+  # beta = 0 switches it off (Mistral Small 3.1).
+  query_temperature_beta: float = 0.1
+  query_temperature_len: int = 16_384
+  max_seq_len: int = 262_144
+  bos_id: int = 1
+  eos_id: int = 2
+  pad_id: int = 11
+
+  # --- execution ---
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # activations and matmul inputs
+  # "auto": cuDNN flash attention where available, else XLA; "xla"; "cudnn".
+  attention_impl: str = "auto"
+  # "none", "full" (recompute the block), "dots" (save matmul outputs),
+  # "dots_no_batch" (save matmuls without batch dims: weights-stationary).
+  remat_policy: str = "none"
+  # True: lax.scan over the stacked layers (one compiled block); False: the
+  # same loop fully unrolled. Params are stacked `[layers, ...]` either way.
+  scan_layers: bool = True
+  matmul_precision: str = "default"  # "default" | "high" | "highest"
+
+  def __post_init__(self):
+    _check(self.rope_scaling in ("none", "yarn"), "rope_scaling", self.rope_scaling, "'none' or 'yarn'")
+    _check(self.n_heads % self.n_kv_heads == 0, "n_heads", self.n_heads,
+           f"a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+    _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "even (RoPE rotates pairs)")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn"):
+      _check(int(getattr(self, name)) > 0, name, getattr(self, name), "a positive integer")
+    _check(self.attention_impl in ("auto", "xla", "cudnn"), "attention_impl", self.attention_impl,
+           "'auto', 'xla' or 'cudnn'")
+    _check(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy, f"one of {REMAT_POLICIES}")
+    _check(self.matmul_precision in ("default", "high", "highest"), "matmul_precision",
+           self.matmul_precision, "'default', 'high' or 'highest'")
+    for name in ("param_dtype", "dtype"):
+      _check(getattr(self, name) in ("float32", "bfloat16", "float16"), name, getattr(self, name),
+             "'float32', 'bfloat16' or 'float16'")
+
+  # --- derived ---
+  @property
+  def q_per_kv(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+  def arch_dict(self) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config; an unknown field is an error that names the closest field."""
+    if isinstance(d, ml_collections.ConfigDict):
+      d = d.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"Unknown model config field '{key}'.{hint} Known fields: {sorted(known)}")
+    return cls(**dict(d))
+
+  def mismatches(self, other: "ModelConfig") -> list[str]:
+    """Architecture fields on which two configs disagree (for checkpoint checks)."""
+    return [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
+            for k in ARCH_FIELDS if getattr(self, k) != getattr(other, k)]
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ValueError(f"Model config field '{field}' = {value!r} is invalid: it must be {expected}.")
+
+
+# --------------------------------------------------------------------------
+# Published sizes. Sources (see ../shared/reference/ministral3_spec.md §1.2):
+#  - 8B: transformers `Ministral3Config` defaults (v5.23) and the 8B config.json.
+#  - 3B/14B: Megatron-Bridge `Ministral3ModelProvider{3B,14B}`; 14B rope_theta 1e9;
+#    3B ties its embeddings (its HF checkpoint has no lm_head tensor).
+#  - 24B: Mistral-Small-3.1-24B-Instruct-2503 config.json text_config
+#    (model_type "mistral": plain RoPE theta 1e9, no query temperature, 128K).
+# All: vocab 131,072, head_dim 128, 32/8 heads, RMSNorm eps 1e-5, no sliding window.
+# --------------------------------------------------------------------------
+_NO_YARN = dict(rope_scaling="none", query_temperature_beta=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mistral_small_3_1_24b": dict(n_layers=40, d_model=5120, d_ffn=32768, rope_theta=1e9,
+                                  max_seq_len=131_072, **_NO_YARN),
+    "ministral3_14b": dict(n_layers=40, d_model=5120, d_ffn=16384, rope_theta=1e9),
+    "ministral3_8b": dict(n_layers=34, d_model=4096, d_ffn=14336, rope_theta=1e6),
+    "ministral3_3b": dict(n_layers=26, d_model=3072, d_ffn=9216, rope_theta=1e6, tie_embeddings=True),
+    # Tiny sizes for tests and CPU experiments. They keep the features that make
+    # Ministral 3 different: head_dim != d_model / n_heads, GQA, YaRN with a
+    # short original context so that tests cross it, and the query temperature.
+    "tiny": dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=32,
+                 d_ffn=128, yarn_factor=4.0, yarn_original_max_len=32, query_temperature_len=32,
+                 max_seq_len=128),
+    "tiny_tied": dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=32,
+                      d_ffn=128, tie_embeddings=True, yarn_factor=4.0, yarn_original_max_len=32,
+                      query_temperature_len=32, max_seq_len=128),
+    # Heads divisible by a tensor axis of 4 (sharding tests).
+    "tiny_shard": dict(vocab_size=256, n_layers=2, d_model=64, n_heads=8, n_kv_heads=4, head_dim=16,
+                       d_ffn=128, yarn_factor=4.0, yarn_original_max_len=32, query_temperature_len=32,
+                       max_seq_len=128),
+    # ~100M parameters, for the CPU throughput benchmark.
+    "bench_100m": dict(vocab_size=32_768, n_layers=8, d_model=768, n_heads=12, n_kv_heads=4,
+                       head_dim=64, d_ffn=2816, yarn_original_max_len=4096, query_temperature_len=4096,
+                       max_seq_len=8192),
+}
+
+# Published totals (text decoder only), for the parameter-count test.
+PUBLISHED_PARAMS = {
+    "mistral_small_3_1_24b": 24.0e9,  # "24B"; the text decoder alone is 23.57B
+    "ministral3_14b": 13.5e9,  # the model card's LM size (total 14B with the 0.4B ViT)
+    "ministral3_8b": 8.5e9,  # LM 8.4B + 0.4B vision = "8B"-class; HF card: 8.9B total
+    "ministral3_3b": 3.4e9,  # LM 3.4B + 0.4B vision = 3.8B total
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model preset '{name}'. Known presets: {sorted(PRESETS)}")
+  return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def preset_dict(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The preset as a ConfigDict holding every field, for experiment configs."""
+  return ml_collections.ConfigDict(preset(name, **overrides).to_dict())
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Exact parameter count from the shapes (no weights allocated)."""
+  d, f, h = cfg.d_model, cfg.d_ffn, cfg.head_dim
+  attention = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  block = attention + 3 * d * f + 2 * d
+  embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+  return cfg.n_layers * block + embed + d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, backward: bool = True) -> float:
+  """Matmul FLOPs per token of a forward (+ backward) pass, causal attention halved."""
+  d, f, h = cfg.d_model, cfg.d_ffn, cfg.head_dim
+  per_layer = 2 * d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * 3 * d * f
+  per_layer += 2 * 2 * cfg.n_heads * h * seq_len / 2  # QK^T and PV, causal
+  total = cfg.n_layers * per_layer + 2 * d * cfg.vocab_size
+  return total * (3 if backward else 1)
+
+
+def approx_equal_params(cfg: ModelConfig, published: float, rel: float = 0.01) -> bool:
+  return math.isclose(param_count(cfg), published, rel_tol=rel)

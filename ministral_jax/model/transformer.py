@@ -1,0 +1,143 @@
+"""The decoder: embed -> N blocks -> RMSNorm -> LM head (tied or untied).
+
+Parameters (the one canonical layout, recorded in checkpoint metadata as
+`LAYOUT`; layers are always stacked on a leading axis, whether the forward
+pass scans over them or unrolls the loop):
+
+    tok_embeddings                 [vocab, d_model]
+    layers/attention_norm/scale    [layers, d_model]
+    layers/attention/wq            [layers, d_model, heads, head_dim]
+    layers/attention/wk, wv        [layers, d_model, kv_heads, head_dim]
+    layers/attention/wo            [layers, heads, head_dim, d_model]
+    layers/ffn_norm/scale          [layers, d_model]
+    layers/feed_forward/w1, w3     [layers, d_model, d_ffn]
+    layers/feed_forward/w2         [layers, d_ffn, d_model]
+    norm/scale                     [d_model]
+    output                         [d_model, vocab]   (absent when tied)
+
+Positions are per token, so packed documents restart at 0. Without a cache,
+token i attends to token j iff j <= i and both have the same segment id.
+With a cache, each batch row writes its new keys at its own offset
+`positions[:, 0]` (cache slot == position), and attends to every slot at or
+before its position; right-padded prompts of different lengths therefore
+decode together without holes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ministral_jax.model import layers, rope
+from ministral_jax.model.config import ModelConfig
+
+LAYOUT = "stacked_layers/v1"
+Cache = tuple[jax.Array, jax.Array]  # k, v: [layers, batch, cache_len, kv_heads, head_dim]
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.tok_embeddings = self.param(
+        "tok_embeddings", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+    block = layers.Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=False)
+    self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        unroll=1 if cfg.scan_layers else cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    self.norm = layers.RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.output = self.param(
+          "output", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: Cache | None = None,
+               return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
+    """tokens `[batch, seq]` -> logits `[batch, seq, vocab]` (or final hidden states).
+
+    Returns `(out, new_cache)`; `new_cache` is None when no cache is given.
+    """
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    batch, seq = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)
+    rope_tables = rope.rope_cos_sin(cfg, positions, dt)
+    q_scale = (rope.query_temperature(cfg, positions, dt) if cfg.query_temperature_beta
+               else jnp.ones((1, 1, 1, 1), dt))
+    if cache is None:
+      mask = _segment_causal_mask(segment_ids if segment_ids is not None
+                                  else jnp.ones((batch, seq), jnp.int32))
+      write_index = None
+    else:
+      cache_len = cache[0].shape[2]
+      mask = (jnp.arange(cache_len)[None, None, None, :] <= positions[:, None, :, None])
+      write_index = positions[:, 0]
+    h, cache = self.layers(h, cache, rope_tables, q_scale, mask, write_index)
+    h = self.norm(h)
+    if return_hidden:
+      return h, cache
+    return self.logits(h), cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final hidden states `[..., d_model]` -> logits `[..., vocab]` (compute dtype)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    prec = None if self.cfg.matmul_precision == "default" else self.cfg.matmul_precision
+    if self.cfg.tie_embeddings:
+      out = jnp.einsum("...d,vd->...v", h, self.tok_embeddings.astype(dt), precision=prec)
+    else:
+      out = jnp.einsum("...d,dv->...v", h, self.output.astype(dt), precision=prec)
+    return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+  """`[batch, 1, seq, seq]`: causal and within one segment (document)."""
+  seq = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same)[:, None]
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:
+  shape = (cfg.n_layers, batch, cache_len, cfg.n_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+
+
+CACHE_AXES = ("layers", "cache_batch", "cache_sequence", "cache_kv_heads", None)
+
+
+def _abstract_boxed(cfg: ModelConfig) -> Any:
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def param_logical_axes(cfg: ModelConfig) -> Any:
+  """The logical axis names of every parameter, as a tree shaped like the params."""
+  return nn.get_partition_spec(_abstract_boxed(cfg))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """ShapeDtypeStructs of every parameter, without allocating anything."""
+  return nn.unbox(_abstract_boxed(cfg))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Random parameters as a plain nested dict of arrays (single device)."""
+  model = Transformer(cfg)
+  return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])

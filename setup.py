@@ -1,0 +1,30 @@
+"""ministral_jax: Cascade Distillation of Ministral 3 in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ministral_jax",
+    version="0.1.0",
+    description="Ministral 3 in JAX/Flax: models, HF/Mistral checkpoints, pruning, distillation",
+    packages=find_packages(include=["ministral_jax", "ministral_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "ml-collections",
+        "sentencepiece",
+        "safetensors",
+        "mistral-common>=1.8",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        # The numerical reference (transformers' Ministral3ForCausalLM on torch, CPU).
+        # torch 2.13.0 is pinned to the CPU wheel these machines carry; any recent CPU torch works.
+        "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0"],
+    },
+)
