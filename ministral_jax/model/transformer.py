@@ -75,7 +75,8 @@ class Transformer(nn.Module):
     batch, seq = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)
+    h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)  # [batch, seq, d_model]
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
     rope_tables = rope.rope_cos_sin(cfg, positions, dt)
     q_scale = (rope.query_temperature(cfg, positions, dt) if cfg.query_temperature_beta
                else jnp.ones((1, 1, 1, 1), dt))
@@ -123,7 +124,6 @@ CACHE_AXES = ("layers", "cache_batch", "cache_sequence", "cache_kv_heads", None)
 
 def _abstract_boxed(cfg: ModelConfig) -> Any:
   model = Transformer(cfg)
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
