@@ -46,12 +46,13 @@ def load_or_init(cfg: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
   model_cfg = model_config.ModelConfig.from_dict(cfg.model)
   tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)  # before any work
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
+  partitioner.param_shardings(model_cfg)  # the mesh must divide the model
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   params, model_cfg = load_or_init(cfg, workdir, partitioner)
   prompts = [tokenizer.encode(p, bos=True) for p in cfg.prompts]
   start = time.time()
