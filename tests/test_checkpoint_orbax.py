@@ -67,7 +67,7 @@ def test_save_refuses_to_overwrite_and_a_failed_save_leaves_nothing(saved, tmp_p
 
   def crash(*args, **kwargs):
     raise RuntimeError("simulated crash while writing metadata")
-  monkeypatch.setattr(orbax_io.json, "dumps", crash)
+  monkeypatch.setattr(orbax_io, "_write_json", crash)
   target = tmp_path / "crashed"
   with pytest.raises(RuntimeError, match="simulated crash"):
     orbax_io.save_params(target, params, CFG)

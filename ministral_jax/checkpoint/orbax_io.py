@@ -48,10 +48,9 @@ def save_params(path: str | epath.Path, params: Any, cfg: ModelConfig, overwrite
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / "params", params)
       ckptr.wait_until_finished()
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-    meta = {"format": FORMAT, "layout": transformer.LAYOUT, "param_count": param_count(cfg),
-            **(extra_metadata or {})}
-    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    _write_json(tmp / METADATA_FILE, {"format": FORMAT, "layout": transformer.LAYOUT,
+                                      "param_count": param_count(cfg), **(extra_metadata or {})})
     if path.exists():
       shutil.rmtree(str(path)) if path.is_dir() else path.unlink()
     tmp.rename(path)
@@ -60,6 +59,10 @@ def save_params(path: str | epath.Path, params: Any, cfg: ModelConfig, overwrite
       shutil.rmtree(str(tmp), ignore_errors=True)
     raise
   return path
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2))
 
 
 def load_config(path: str | epath.Path, **exec_overrides: Any) -> ModelConfig:

@@ -31,6 +31,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
   return tokens, lengths
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def prefill(params: Any, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache_len: int
             ) -> tuple[jax.Array, transformer.Cache]:
   """Runs the prompts; returns the logits at each row's last real token `[batch, vocab]` and the cache."""
@@ -42,6 +43,7 @@ def prefill(params: Any, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array
   return last, cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def decode_step(params: Any, cfg: ModelConfig, token: jax.Array, position: jax.Array,
                 cache: transformer.Cache) -> tuple[jax.Array, transformer.Cache]:
   """token, position `[batch]` -> next-token logits `[batch, vocab]`, updated cache."""
