@@ -1,0 +1,95 @@
+"""Command line: convert checkpoints between HF, Mistral-native and our orbax format.
+
+    python -m ministral_jax.checkpoint.convert --from=hf --to=orbax --src=DIR --dst=DIR [--dtype=bfloat16]
+
+Every path goes through our param tree, so any source converts to any target
+(`--to=native` also works). Orbax is imported only when used, so HF/native
+conversions need no orbax install. The destination is written atomically
+and never overwritten without `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ministral_jax.checkpoint import hf, native, safetensors_io
+from ministral_jax.model.config import ModelConfig
+
+FORMATS = ("hf", "native", "orbax")
+Params = dict[str, Any]
+
+
+def _load_orbax(path: str, dtype: str | None) -> tuple[Params, ModelConfig]:
+  from ministral_jax.checkpoint import orbax_io  # lazy: orbax is heavy and optional here
+  params, cfg = orbax_io.load_params(path)
+  if dtype is None:
+    return params, cfg
+  params = _cast(params, dtype)
+  return params, cfg.replace(param_dtype=dtype)
+
+
+def _cast(params: Params, dtype: str) -> Params:
+  """Leaf by leaf, so at most one leaf exists in both dtypes."""
+  target = safetensors_io.to_np_dtype(dtype)
+  return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(target)
+          for k, v in params.items()}
+
+
+def _save_orbax(params: Params, cfg: ModelConfig, path: str, overwrite: bool, max_shard_bytes: int) -> None:
+  del max_shard_bytes  # orbax chunks on its own
+  from ministral_jax.checkpoint import orbax_io
+  orbax_io.save_params(path, params, cfg, overwrite=overwrite)
+
+
+LOADERS: dict[str, Callable[[str, str | None], tuple[Params, ModelConfig]]] = {
+    "hf": lambda path, dtype: hf.load_hf(path, dtype=dtype),
+    "native": lambda path, dtype: native.load_native(path, dtype=dtype),
+    "orbax": _load_orbax,
+}
+SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int], Any]] = {
+    "hf": lambda p, c, path, ow, shard: hf.save_hf(p, c, path, max_shard_bytes=shard, overwrite=ow),
+    "native": lambda p, c, path, ow, shard: native.save_native(p, c, path, max_shard_bytes=shard,
+                                                               overwrite=ow),
+    "orbax": _save_orbax,
+}
+
+
+def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,
+            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
+  """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config."""
+  for name, fmt in (("source", src_format), ("destination", dst_format)):
+    if fmt not in FORMATS:
+      raise ValueError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
+  params, cfg = LOADERS[src_format](src, dtype)
+  SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes)
+  return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--from", dest="src_format", choices=FORMATS, required=True)
+  parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
+  parser.add_argument("--src", required=True, help="source checkpoint directory")
+  parser.add_argument("--dst", required=True, help="destination directory (must not exist or be empty)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="cast the weights (default: keep the source dtype)")
+  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+  parser.add_argument("--max_shard_gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 1e9,
+                      help="largest safetensors shard written (hf/native targets)")
+  args = parser.parse_args(argv)
+  start = time.time()
+  try:
+    cfg = convert(args.src_format, args.dst_format, args.src, args.dst, args.dtype, args.overwrite,
+                  int(args.max_shard_gb * 1e9))
+  except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad input: a message, not a traceback
+    raise SystemExit(f"error: {e}") from None
+  print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.param_dtype}) in {time.time() - start:.1f}s")
+
+
+if __name__ == "__main__":
+  main()

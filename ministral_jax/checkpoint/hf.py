@@ -1,0 +1,228 @@
+"""Hugging Face checkpoints (config.json + model*.safetensors) <-> our params.
+
+HF stores q/k rows in the same rotate-half order our RoPE uses, so importing
+is names + transposes + reshapes. Three name spellings exist for the text
+decoder (text-only CausalLM, v5 multimodal, older multimodal); all load, and
+the vision/projector tensors of multimodal checkpoints are skipped.
+
+Configs: `ministral3` (YaRN + query temperature), `mistral` (Mistral Small
+3.1 / Magistral: plain RoPE) and the multimodal `mistral3` wrapper, whose
+`text_config` is one of the two. HF fills absent config.json keys from its
+class defaults, which differ between the two text types (eps 1e-5 vs 1e-6,
+sliding window None vs 4096, ...), so we apply the same defaults here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ministral_jax.checkpoint import safetensors_io as io
+from ministral_jax.model.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# HF class defaults (transformers v5 Ministral3Config / MistralConfig) for keys config.json may omit.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ministral3": dict(num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                       max_position_embeddings=262_144, sliding_window=None, tie_word_embeddings=False,
+                       hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=11, rope_theta=1e6,
+                       rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=16.0,
+                                            original_max_position_embeddings=16_384, beta_fast=32.0,
+                                            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                            llama_4_scaling_beta=0.1)),
+    "mistral": dict(num_key_value_heads=8, head_dim=None, rms_norm_eps=1e-6, max_position_embeddings=131_072,
+                    sliding_window=4096, tie_word_embeddings=False, hidden_act="silu",
+                    bos_token_id=1, eos_token_id=2, pad_token_id=None, rope_theta=1e4,
+                    rope_parameters=None),
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+# (text prefix, lm_head name), most specific first.
+_PREFIXES = (
+    ("model.language_model.", "lm_head.weight"),  # v5 Mistral3ForConditionalGeneration
+    ("language_model.model.", "language_model.lm_head.weight"),  # older multimodal files
+    ("model.", "lm_head.weight"),  # Ministral3ForCausalLM / MistralForCausalLM
+)
+_IGNORED_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                     "model.multi_modal_projector.")
+
+
+# --------------------------------------------------------------------------
+# Config.
+# --------------------------------------------------------------------------
+def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
+  """A transformers config.json (ministral3, mistral, or mistral3 text part) -> ModelConfig."""
+  d = dict(hf_config)
+  if d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config"):
+    raise ValueError("Quantized (e.g. FP8) HF checkpoints are not supported; use a BF16 release.")
+  if d.get("model_type") == "mistral3":
+    text = dict(d.get("text_config") or {})
+    text.setdefault("model_type", "mistral")  # Mistral3Config's default text model
+    text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
+    d = text
+  model_type = d.get("model_type")
+  if model_type not in _DEFAULTS:
+    raise ValueError(f"Unsupported model_type {model_type!r}: expected 'ministral3', 'mistral' or "
+                     "'mistral3' (whose text_config is one of these).")
+  missing = [k for k in _REQUIRED if k not in d]
+  if missing:
+    raise ValueError(f"The {model_type} config lacks required field(s) {missing}.")
+  g = lambda key: d.get(key, _DEFAULTS[model_type][key])  # noqa: E731
+  if g("sliding_window") is not None:
+    raise ValueError(f"sliding_window={g('sliding_window')} (transformers' default for '{model_type}' when "
+                     "the key is absent is " f"{_DEFAULTS[model_type]['sliding_window']}): sliding-window "
+                     "attention is not supported; Ministral 3 / Mistral Small 3.1 set it to null.")
+  if g("hidden_act") != "silu":
+    raise ValueError(f"hidden_act={g('hidden_act')!r} is not supported (only 'silu').")
+  heads = d["num_attention_heads"]
+  eos = g("eos_token_id")
+  fields = dict(
+      vocab_size=d["vocab_size"], d_model=d["hidden_size"], d_ffn=d["intermediate_size"],
+      n_layers=d["num_hidden_layers"], n_heads=heads, n_kv_heads=g("num_key_value_heads") or heads,
+      head_dim=g("head_dim") or d["hidden_size"] // heads, norm_eps=g("rms_norm_eps"),
+      tie_embeddings=bool(g("tie_word_embeddings")), max_seq_len=g("max_position_embeddings"),
+      # A None pad id (MistralConfig's default) keeps ModelConfig's Tekken <pad> (11).
+      bos_id=g("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=g("pad_token_id"),
+      **_rope_from_hf(d, model_type, g("rope_theta"), g("max_position_embeddings")))
+  return ModelConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+def _rope_from_hf(d: Mapping[str, Any], model_type: str, default_theta: float,
+                  max_len: int) -> dict[str, Any]:
+  """RoPE / YaRN / query temperature fields from v5 `rope_parameters` or legacy `rope_scaling`."""
+  rp = d.get("rope_parameters") or d.get("rope_scaling") or _DEFAULTS[model_type]["rope_parameters"]
+  rp = dict(rp or {})
+  kind = rp.get("rope_type", rp.get("type", "default"))
+  out: dict[str, Any] = dict(rope_theta=float(rp.get("rope_theta", d.get("rope_theta", default_theta))))
+  if rp.get("partial_rotary_factor", 1.0) != 1.0 or rp.get("truncate", True) is not True:
+    raise ValueError(f"Unsupported RoPE settings {rp}: partial rotary / untruncated YaRN.")
+  if rp.get("attention_factor") is not None:
+    raise ValueError("An explicit YaRN attention_factor is not supported (use mscale / mscale_all_dim).")
+  if kind == "default":
+    out["rope_scaling"] = "none"
+  elif kind == "yarn":
+    original = rp.get("original_max_position_embeddings") or max_len
+    out.update(rope_scaling="yarn", yarn_original_max_len=int(original),
+               yarn_factor=float(rp.get("factor") or max_len / original),
+               # transformers treats missing/zero betas as 32/1 and missing mscales as falsy.
+               yarn_beta_fast=float(rp.get("beta_fast") or 32.0),
+               yarn_beta_slow=float(rp.get("beta_slow") or 1.0),
+               yarn_mscale=float(rp.get("mscale") or 0.0),
+               yarn_mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0))
+  else:
+    raise ValueError(f"Unsupported rope_type {kind!r}: only 'default' and 'yarn'.")
+  beta = rp.get("llama_4_scaling_beta") if model_type == "ministral3" else None
+  out["query_temperature_beta"] = float(beta or 0.0)
+  if beta:
+    if not rp.get("original_max_position_embeddings"):
+      raise ValueError("llama_4_scaling_beta is set but rope_parameters has no "
+                       "original_max_position_embeddings.")
+    out["query_temperature_len"] = int(rp["original_max_position_embeddings"])
+  return out
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+  """A config.json that transformers loads as Ministral3ForCausalLM or MistralForCausalLM.
+
+  ministral3 when YaRN or the query temperature is on (mistral has neither).
+  HF holds a single L0 for both, so they must agree when both are on.
+  """
+  ministral = cfg.rope_scaling == "yarn" or bool(cfg.query_temperature_beta)
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling == "yarn":
+    rope.update(type="yarn", rope_type="yarn", factor=cfg.yarn_factor,
+                original_max_position_embeddings=cfg.yarn_original_max_len, beta_fast=cfg.yarn_beta_fast,
+                beta_slow=cfg.yarn_beta_slow, mscale=cfg.yarn_mscale, mscale_all_dim=cfg.yarn_mscale_all_dim)
+  if cfg.query_temperature_beta:
+    l0 = rope.setdefault("original_max_position_embeddings", cfg.query_temperature_len)
+    if l0 != cfg.query_temperature_len:
+      raise ValueError(f"HF configs hold one original_max_position_embeddings for YaRN and the query "
+                       f"temperature; this config has {l0} and {cfg.query_temperature_len}.")
+  if ministral:
+    rope["llama_4_scaling_beta"] = cfg.query_temperature_beta
+  dtype = dtype or cfg.param_dtype
+  return {
+      "architectures": ["Ministral3ForCausalLM" if ministral else "MistralForCausalLM"],
+      "model_type": "ministral3" if ministral else "mistral",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ffn,
+      "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+      "rope_parameters": rope, "sliding_window": None, "attention_dropout": 0.0,
+      "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "initializer_range": 0.02,
+      "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+      "dtype": dtype, "torch_dtype": dtype,
+  }
+
+
+# --------------------------------------------------------------------------
+# Tensors.
+# --------------------------------------------------------------------------
+def hf_names(prefix: str = "model.", lm_head: str = "lm_head.weight") -> dict[str, str]:
+  """Our leaf names -> HF tensor names (`{i}` = layer)."""
+  layer = prefix + "layers.{i}."
+  return dict(
+      tok_embeddings=prefix + "embed_tokens.weight", norm=prefix + "norm.weight", output=lm_head,
+      attention_norm=layer + "input_layernorm.weight", ffn_norm=layer + "post_attention_layernorm.weight",
+      wq=layer + "self_attn.q_proj.weight", wk=layer + "self_attn.k_proj.weight",
+      wv=layer + "self_attn.v_proj.weight", wo=layer + "self_attn.o_proj.weight",
+      w1=layer + "mlp.gate_proj.weight", w2=layer + "mlp.down_proj.weight", w3=layer + "mlp.up_proj.weight")
+
+
+def _detect_prefix(names: set[str]) -> tuple[str, str]:
+  for prefix, lm_head in _PREFIXES:
+    if prefix + "embed_tokens.weight" in names:
+      return prefix, lm_head
+  return _PREFIXES[-1]  # the missing-tensor check then names what is absent
+
+
+def _ignored(name: str) -> bool:
+  return name.startswith(_IGNORED_PREFIXES) or name.endswith(".rotary_emb.inv_freq")
+
+
+def load_hf(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
+            shardings: Any = None) -> tuple[dict[str, Any], ModelConfig]:
+  """Imports an HF checkpoint directory; returns (params, config).
+
+  `cfg`: optional; its architecture must agree with config.json, and its
+  execution fields (remat, scan, ...) are kept. `dtype`: cast the weights
+  (default: keep the checkpoint's). `shardings`: a tree of
+  `jax.sharding.Sharding` shaped like the params; each leaf goes to its
+  devices as soon as it is read (else leaves are host numpy arrays).
+  Names, shapes and files are all checked before any weight is read.
+  """
+  path = Path(path)
+  found = config_from_hf(io.read_json(path / CONFIG_FILE, "an HF checkpoint needs its config.json."))
+  files = io.find_shards(path, INDEX_FILE, "model.safetensors", "model*.safetensors")
+  infos = io.read_headers(files)
+  prefix, lm_head = _detect_prefix(set(infos))
+  return io.load_checkpoint(
+      infos, found, f"HF checkpoint {path}", lambda c: io.decoder_maps(c, hf_names(prefix, lm_head)),
+      _ignored, cfg, dtype, shardings)
+
+
+def _shard_name(k: int, n: int) -> str:
+  return "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def save_hf(params: Any, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            dtype: Any = None, overwrite: bool = False) -> Path:
+  """Exports to an HF text-only CausalLM directory (config.json, shards, index).
+
+  Written into a temporary sibling directory and renamed into place; an
+  existing non-empty `path` is refused unless `overwrite`. `dtype` casts the
+  stored tensors (default: the params' own dtype).
+  """
+  io.check_params(params, cfg)
+  np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
+  maps = io.decoder_maps(cfg, hf_names())
+  dtype_name = (np_dtype or io.to_np_dtype(params["tok_embeddings"].dtype)).name
+  with io.atomic_directory(path, overwrite) as tmp:
+    weight_map, total_bytes = io.write_shards(tmp, params, maps, cfg, _shard_name, max_shard_bytes, np_dtype)
+    if len(set(weight_map.values())) > 1:
+      io.write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    io.write_json(tmp / CONFIG_FILE, config_to_hf(cfg, dtype_name))
+  return Path(path)
