@@ -105,6 +105,11 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
 
 
+def output_matrix(params: Any, cfg: ModelConfig) -> jax.Array:
+  """The LM head as `[d_model, vocab]` (the transposed embedding when tied), for chunked losses."""
+  return params["tok_embeddings"].T if cfg.tie_embeddings else params["output"]
+
+
 def _segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
   """`[batch, 1, seq, seq]`: causal and within one segment (document)."""
   seq = segment_ids.shape[1]
