@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "mistral-common>=1.8",
         "absl-py",
+        "tensorboardX",
         "numpy",
     ],
     extras_require={

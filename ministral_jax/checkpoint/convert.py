@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ministral_jax.checkpoint import hf, native, safetensors_io
-from ministral_jax.model.config import ModelConfig
+from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
 
 FORMATS = ("hf", "native", "orbax")
 Params = dict[str, Any]
@@ -56,6 +57,48 @@ SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int], Any]] = {
                                                                overwrite=ow),
     "orbax": _save_orbax,
 }
+
+
+def detect_format(path: str) -> str:
+  """orbax (model_config.json), hf (config.json) or native (params.json)."""
+  markers = {"orbax": "model_config.json", "hf": "config.json", "native": "params.json"}
+  for fmt, marker in markers.items():
+    if (Path(path) / marker).exists():
+      return fmt
+  raise ValueError(f"{path} is not a checkpoint directory: none of {sorted(markers.values())} is in it.")
+
+
+def load_config_any(path: str) -> ModelConfig:
+  """The model config of an orbax, HF or Mistral-native checkpoint, without reading weights."""
+  fmt = detect_format(path)
+  if fmt == "orbax":
+    from ministral_jax.checkpoint import orbax_io
+    return orbax_io.load_config(path)
+  if fmt == "hf":
+    return hf.config_from_hf(safetensors_io.read_json(Path(path) / hf.CONFIG_FILE, "config.json"))
+  return native.config_from_params_json(safetensors_io.read_json(Path(path) / "params.json", "params.json"))
+
+
+def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
+  """Loads an orbax, HF or Mistral-native checkpoint, sharded by `partitioner` if given.
+
+  `cfg`, if given, must agree with the checkpoint's architecture; its execution
+  fields (dtype, remat, ...) are kept.
+  """
+  fmt = detect_format(path)
+  if fmt == "orbax":
+    from ministral_jax.checkpoint import orbax_io
+    saved = orbax_io.load_config(path)
+    if cfg is not None:
+      safetensors_io.check_same_architecture(cfg, saved, f"orbax checkpoint {path}")
+    exec_fields = {k: v for k, v in (cfg or saved).to_dict().items() if k not in ARCH_FIELDS}
+    return orbax_io.load_params(path, partitioner, **exec_fields)
+  shardings = partitioner.param_shardings(cfg) if (partitioner is not None and cfg is not None) else None
+  loader = hf.load_hf if fmt == "hf" else native.load_native
+  params, loaded_cfg = loader(path, cfg=cfg, shardings=shardings)
+  if partitioner is not None and shardings is None:
+    params = partitioner.shard_params(params, loaded_cfg)
+  return params, loaded_cfg
 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,
