@@ -16,6 +16,9 @@ from ministral_jax import sharding
 TASKS = {
     "sample": "ministral_jax.sample.task",
     "describe": "ministral_jax.model.abstract",
+    "pretrain": "ministral_jax.train.pretrain",
+    "distill": "ministral_jax.train.distill",
+    "eval": "ministral_jax.eval.task",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",

@@ -159,6 +159,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny_shard": dict(vocab_size=256, n_layers=2, d_model=64, n_heads=8, n_kv_heads=4, head_dim=16,
                        d_ffn=128, yarn_factor=4.0, yarn_original_max_len=32, query_temperature_len=32,
                        max_seq_len=128),
+    # CPU experiments on the built-in corpus (vocab set by the trained SentencePiece).
+    "cpu_tiny": dict(vocab_size=1024, n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32,
+                     d_ffn=384, yarn_factor=4.0, yarn_original_max_len=512, query_temperature_len=512,
+                     max_seq_len=2048),
+    "cpu_small": dict(vocab_size=1024, n_layers=6, d_model=256, n_heads=8, n_kv_heads=2, head_dim=32,
+                      d_ffn=768, yarn_factor=4.0, yarn_original_max_len=512, query_temperature_len=512,
+                      max_seq_len=2048),
     # ~100M parameters, for the CPU throughput benchmark.
     "bench_100m": dict(vocab_size=32_768, n_layers=8, d_model=768, n_heads=12, n_kv_heads=4,
                        head_dim=64, d_ffn=2816, yarn_original_max_len=4096, query_temperature_len=4096,

@@ -1,0 +1,64 @@
+"""Task `eval`: mean token loss and perplexity of a checkpoint on the eval split or on files.
+
+The checkpoint is `eval.checkpoint` (orbax params, HF or Mistral-native), or,
+when empty, the final params of a training run in `--workdir`
+(`<workdir>/params`). Text is the built-in eval split of `config.data` plus
+every file in `eval.files` (.txt or .jsonl). Results are printed and written
+to `<workdir>/eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ministral_jax import sharding
+from ministral_jax.checkpoint import convert
+from ministral_jax.data import pipeline, tokenizers
+from ministral_jax.train import pretrain
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(checkpoint="", files="", batch_size=8, max_batches=0))
+
+
+def mean_loss(loss_fn, params, batches, partitioner) -> dict[str, float]:
+  total, count = 0.0, 0.0
+  for batch in batches:
+    loss_sum, n = loss_fn(params, partitioner.shard_batch(batch))
+    total, count = total + float(loss_sum), count + float(n)
+  if count == 0:
+    raise ValueError("The evaluation data produced no tokens.")
+  return {"loss": total / count, "perplexity": float(np.exp(total / count)), "tokens": int(count)}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  path = cfg.eval.checkpoint or str(epath.Path(workdir) / "params")
+  files = [f for f in cfg.eval.files.split(",") if f]
+  for f in files:
+    if not epath.Path(f).exists():
+      raise ValueError(f"eval.files names {f}, which does not exist.")
+  partitioner = sharding.Partitioner.from_config(cfg.mesh)
+  model_cfg = convert.load_config_any(path)
+  tokenizer = pipeline.build_tokenizer(cfg.data, workdir)
+  tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)
+  params, model_cfg = convert.load_any(path, partitioner)
+  task = pretrain.make_task(cfg, model_cfg, partitioner)
+  loss_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None, jax.random.key(0))[:2])
+  batch = cfg.eval.batch_size
+  sources = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)}
+  for f in files:
+    sources[f] = pipeline.eval_batches_from_file(f, cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)
+  with partitioner.activate():
+    results = {name: mean_loss(loss_fn, params, batches, partitioner) for name, batches in sources.items()}
+  for name, r in results.items():
+    print(f"{name}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} over {r['tokens']:,} tokens")
+  out = {"checkpoint": path, "results": results}
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  (epath.Path(workdir) / "eval.json").write_text(json.dumps(out, indent=2))
+  return out
+

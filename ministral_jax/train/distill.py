@@ -1,0 +1,63 @@
+"""Trainer `distill`: logit distillation from a frozen teacher, forward KL(teacher || student).
+
+The teacher is any checkpoint (orbax, HF or Mistral-native) with its own
+model config, restored onto the same mesh and passed to every step as an
+argument. The KL runs over the full vocabulary in chunks (`losses.kd_loss`),
+masked exactly like the next-token loss. `distill.ce_weight` mixes in the
+next-token loss (the paper found KL alone better, so it defaults to 0).
+`distill.temperature` divides both models' logits; see `losses.kd_loss` for
+the T^2 convention.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from etils import epath
+
+from ministral_jax.checkpoint import convert
+from ministral_jax.model.config import ModelConfig
+from ministral_jax.train import loop, losses
+from ministral_jax.train.pretrain import hidden_and_head, token_mask
+
+
+def distill_config(teacher: str = "") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(teacher=teacher, teacher_dtype="", temperature=1.0, ce_weight=0.0))
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, partitioner):
+  path = cfg.distill.teacher
+  if not path or not epath.Path(path).exists():
+    raise ValueError(f"distill.teacher={path!r} does not exist. Point it at an orbax, HF or Mistral-native "
+                     "checkpoint directory (e.g. the parent's <workdir>/params).")
+  teacher_cfg = convert.load_config_any(path)
+  if cfg.distill.teacher_dtype:
+    teacher_cfg = teacher_cfg.replace(dtype=cfg.distill.teacher_dtype)
+  if teacher_cfg.vocab_size != student_cfg.vocab_size:
+    raise ValueError(f"The teacher's vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
+                     f"({student_cfg.vocab_size}); logit distillation needs the same tokenizer.")
+  params, teacher_cfg = convert.load_any(path, partitioner, teacher_cfg)
+  return params, teacher_cfg
+
+
+def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
+  teacher_params, teacher_cfg = load_teacher(cfg, model_cfg, partitioner)
+  chunks = dict(seq_chunk=cfg.loss.seq_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+  ce_weight, temperature = cfg.distill.ce_weight, cfg.distill.temperature
+
+  def loss_fn(params, batch, teacher, rng):
+    del rng
+    mask = token_mask(batch)
+    hidden, head = hidden_and_head(model_cfg, params, batch)
+    t_hidden, t_head = jax.lax.stop_gradient(hidden_and_head(teacher_cfg, teacher, batch))
+    kl_sum, count = losses.kd_loss(hidden, head, t_hidden, t_head, mask, temperature=temperature, **chunks)
+    if not ce_weight:
+      return kl_sum, count, {}
+    ce_sum, _ = losses.cross_entropy(hidden, head, batch["targets"], mask, **chunks)
+    return (1 - ce_weight) * kl_sum + ce_weight * ce_sum, count, {"kl": kl_sum, "ce": ce_sum}
+  return loop.Task("distill", loss_fn, frozen=teacher_params,
+                   frozen_shardings=partitioner.param_shardings(teacher_cfg))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  return loop.run(cfg, workdir, make_task)

@@ -1,0 +1,45 @@
+"""Trainer `pretrain`: next-token prediction, masked by segment (padding never counts).
+
+The loss goes from the final hidden states straight to a chunked cross-entropy
+(`losses.cross_entropy`), so `[batch, seq, vocab]` logits are never stored.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from ministral_jax.model import transformer
+from ministral_jax.model.config import ModelConfig
+from ministral_jax.train import loop, losses
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(seq_chunk=512, vocab_chunk=8192))
+
+
+def hidden_and_head(model_cfg: ModelConfig, params, batch: dict):
+  """Final hidden states `[batch, seq, d_model]` and the LM head `[d_model, vocab]` in compute dtype."""
+  hidden, _ = transformer.Transformer(model_cfg).apply(
+      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True)
+  return hidden, transformer.output_matrix(params, model_cfg).astype(hidden.dtype)
+
+
+def token_mask(batch: dict):
+  return (batch["segment_ids"] != 0).astype(jnp.float32)
+
+
+def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
+  del partitioner
+  chunks = dict(seq_chunk=cfg.loss.seq_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+
+  def loss_fn(params, batch, frozen, rng):
+    del frozen, rng
+    hidden, head = hidden_and_head(model_cfg, params, batch)
+    loss_sum, count = losses.cross_entropy(hidden, head, batch["targets"], token_mask(batch), **chunks)
+    return loss_sum, count, {}
+  return loop.Task("pretrain", loss_fn)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  return loop.run(cfg, workdir, make_task)

@@ -1,0 +1,138 @@
+"""The shared training loop as a user meets it: exact resume after SIGKILL/SIGTERM, errors, distillation."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ministral_jax import sharding
+from ministral_jax.checkpoint import orbax_io
+from ministral_jax.model import config, transformer
+from ministral_jax.train import distill
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = [  # a few seconds of training per run: 1 layer, 32 tokens, 16 steps
+    "--config=configs/pretrain_tiny.py", "--config.train.steps=16", "--config.train.log_every=2",
+    "--config.train.checkpoint_every=4", "--config.train.eval_every=8", "--config.train.eval_batches=1",
+    "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.d_ffn=64",
+    "--config.data.seq_len=32", "--config.train.global_batch=4", "--config.data.spm_vocab_size=256",
+    "--config.model.vocab_size=256", "--config.data.max_documents=200", "--config.optimizer.warmup_steps=2",
+]
+HISTORY_KEYS = ("step", "loss", "grad_norm", "update_norm", "lr", "eval_loss")
+
+
+def _start(workdir, *extra):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen([sys.executable, "-m", "ministral_jax.main", *TINY_RUN, f"--workdir={workdir}",
+                           "--config.mesh.data=2", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-4000:]
+  return out
+
+
+def _history(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: r[k] for k in HISTORY_KEYS if k in r} for r in rows]
+
+
+def _params(workdir):
+  params, _ = orbax_io.load_params(workdir / "params")
+  return jax.tree.map(np.asarray, params)
+
+
+def _wait_for_step(workdir, step, proc):
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    path = workdir / "metrics.jsonl"
+    if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l):
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  _finish(_start(workdir))
+  return _history(workdir), _params(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_and_restarted_run_ends_bitwise_equal_to_an_uninterrupted_one(sig, uninterrupted, tmp_path):
+  history, params = uninterrupted
+  proc = _start(tmp_path)
+  _wait_for_step(tmp_path, 6, proc)  # between checkpoints (every 4 steps)
+  proc.send_signal(sig)
+  proc.communicate(timeout=300)
+  if sig == signal.SIGTERM:  # a clean exit that saved the step it stopped at
+    assert proc.returncode == 0
+  _finish(_start(tmp_path))
+  assert _history(tmp_path) == history
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(tmp_path))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_of_another_experiment_is_rejected_before_any_step(uninterrupted, tmp_path):
+  proc = _start(tmp_path, "--config.train.steps=4", "--config.train.checkpoint_every=2")
+  _finish(proc)
+  other = _start(tmp_path, "--config.train.steps=8", "--config.model.d_ffn=96")
+  _, err = other.communicate(timeout=300)
+  assert other.returncode != 0 and "different experiment" in err and "d_ffn" in err
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  proc = _start(tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.clip_norm=0",
+                "--config.train.checkpoint_every=1", "--config.train.log_every=1")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "Non-finite" in err and "is intact" in err
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and not (tmp_path / "params").exists()
+
+
+def test_global_batch_the_mesh_cannot_split_fails_before_the_first_step(tmp_path):
+  proc = _start(tmp_path, "--config.train.global_batch=3")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "Global batch 3 cannot be split" in err
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_distillation_loss_on_8_devices_equals_one_device(tmp_path):
+  student_cfg = config.preset("tiny_shard", n_layers=1)
+  teacher_cfg = config.preset("tiny_shard", d_ffn=256)
+  student = transformer.init_params(student_cfg, jax.random.key(0))
+  orbax_io.save_params(tmp_path / "teacher", transformer.init_params(teacher_cfg, jax.random.key(1)),
+                       teacher_cfg)
+  rng = np.random.RandomState(0)
+  batch = {"inputs": rng.randint(0, 256, (8, 32)), "targets": rng.randint(0, 256, (8, 32)),
+           "positions": np.tile(np.arange(32), (8, 1)), "segment_ids": np.ones((8, 32), np.int32)}
+  batch = {k: v.astype(np.int32) for k, v in batch.items()}
+  batch["segment_ids"][:, 28:] = 0  # padding contributes nothing
+  spec = importlib.util.spec_from_file_location("distill_tiny", os.path.join(REPO, "configs", "distill_tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.distill.teacher = str(tmp_path / "teacher")
+  cfg.loss.seq_chunk, cfg.loss.vocab_chunk = 8, 96
+  values = []
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    devices = jax.devices()[:int(np.prod(shape))]
+    part = sharding.Partitioner(sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices))
+    task = distill.make_task(cfg, student_cfg, part)
+    with part.activate():
+      loss_sum, count, _ = jax.jit(task.loss_fn)(part.shard_params(student, student_cfg),
+                                                 part.shard_batch(batch), task.frozen, jax.random.key(0))
+    values.append(float(loss_sum / count))
+    assert float(count) == 8 * 28
+  assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-5)
