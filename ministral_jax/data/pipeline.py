@@ -1,0 +1,249 @@
+"""The input pipeline the trainer calls: config block, tokenizer, train and eval batches.
+
+Training data is an infinite, seeded, per-process-sharded stream of packed
+batches whose position is a small JSON-serialisable state: the trainer saves
+`it.get_state()` next to the model checkpoint and a fresh iterator given that
+state with `set_state` continues the exact same stream, so a resumed run sees
+the same batches an uninterrupted one would have. Everything is grain: a
+random-access `MapDataset` of documents (see `sources.py`) is sharded by
+process, shuffled (reshuffled every epoch), tokenized lazily, and packed by
+grain's checkpointable concat-then-split (see `packing.py`).
+
+All configuration and data errors (unknown source, missing or empty files,
+globs matching nothing, an empty split) are raised when the iterator or the
+tokenizer is built, before the first training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from typing import Any, Iterator
+
+import grain
+import ml_collections
+
+from ministral_jax.data import packing, sources, spm_train
+from ministral_jax.data.tokenizers import Tokenizer, load_tokenizer
+
+SOURCES = ("builtin", "text", "jsonl", "tfds")
+SPLITS = ("train", "eval")
+STATE_VERSION = 1
+# Tokenizing is a few ms per document; a small read-ahead keeps restores cheap.
+_READ_OPTIONS = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=32)
+# The tokenizer's training sample is drawn in this fixed order, independent of the run's seed.
+_SPM_SAMPLE_SEED = 0
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The `data` block of an experiment config, with defaults.
+
+  source: "builtin" (Python stdlib text, no download), "text", "jsonl" or "tfds".
+  paths / eval_paths: comma-separated files or globs for text/jsonl. Without
+    eval_paths the eval split is a fixed ~2% hash hold-out of the documents in
+    `paths` (see `sources.py`); with eval_paths, all of `paths` is training data.
+  text_unit: what one document is in a text file: "paragraph", "line" or "file".
+  tokenizer: "spm_train" trains a SentencePiece model of at most spm_vocab_size
+    ids on the train split, cached in <workdir>/tokenizer/; anything else is a
+    bundled name or a file path for `tokenizers.load_tokenizer`.
+  max_documents: keep only the first N training documents (0 = all).
+  """
+  return ml_collections.ConfigDict({
+      "source": "builtin",
+      "paths": "",
+      "eval_paths": "",
+      "jsonl_field": "text",
+      "text_unit": "paragraph",
+      "tfds_name": "",
+      "tfds_data_dir": "",
+      "tfds_train_split": "train",
+      "tfds_eval_split": "validation",
+      "tfds_field": "text",
+      "tokenizer": "spm_train",
+      "spm_vocab_size": 1024,
+      "seq_len": 128,
+      "shuffle_seed": 0,
+      "max_documents": 0,
+  })
+
+
+def _file_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[sources.Entry]:
+  field = data_cfg.jsonl_field if data_cfg.source == "jsonl" else None
+  entries = lambda patterns: sources.file_entries(patterns, jsonl_field=field, text_unit=data_cfg.text_unit)
+  if data_cfg.eval_paths:
+    return [entry for _, entry in entries(data_cfg.paths if split == "train" else data_cfg.eval_paths)]
+  return sources.split_entries(entries(data_cfg.paths), split)
+
+
+def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+  """The split's documents as a random-access dataset of strings (max_documents applies to train)."""
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f"unknown data source {data_cfg.source!r}; expected one of {SOURCES}")
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  what = f"data source {data_cfg.source!r} ({split} split)"
+  if data_cfg.source == "tfds":
+    tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
+    docs = sources.tfds_dataset(
+        data_cfg.tfds_name, tfds_split, data_dir=data_cfg.tfds_data_dir, field=data_cfg.tfds_field
+    )
+  elif data_cfg.source == "builtin":
+    docs = sources.as_dataset(sources.split_entries(sources.builtin_entries(), split), what)
+  else:
+    docs = sources.as_dataset(_file_documents(data_cfg, split), what)
+  if split == "train" and data_cfg.max_documents > 0:
+    docs = docs[: data_cfg.max_documents]
+  return docs
+
+
+def build_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """Load the configured tokenizer, or train (once, cached by corpus hash) a SentencePiece on the train split."""
+  if data_cfg.tokenizer != "spm_train":
+    return load_tokenizer(data_cfg.tokenizer)
+  docs = documents(data_cfg, "train").shuffle(seed=_SPM_SAMPLE_SEED)
+  sample = (docs[i] for i in range(len(docs)))  # read lazily: training stops at a character cap
+  path = spm_train.train_or_load(sample, data_cfg.spm_vocab_size, pathlib.Path(workdir) / "tokenizer")
+  return load_tokenizer(path)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def _mix_seed(*seeds: int) -> int:
+  """A 32-bit shuffle seed. Hashing keeps seeds apart: grain reshuffles epoch e with seed+e,
+  so raw seeds 0 and 1 would replay each other's epochs one epoch apart."""
+  return int.from_bytes(hashlib.sha256(repr(seeds).encode()).digest()[:4], "big")
+
+
+def _batches(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> grain.IterDataset:
+  """Tokenize lazily (a few threads read ahead), pack, batch."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  examples = docs.map(packing.tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  return packing.pack(examples, seq_len).batch(batch_size)
+
+
+def train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DataIterator:
+  """Infinite stream of this process's packed training batches (dicts of int32 [batch_size, seq_len]).
+
+  Process p of n reads documents p, p+n, p+2n, ... so processes never share a
+  document; `batch_size` is per process. Each epoch is reshuffled with a
+  seed derived from (data_cfg.shuffle_seed, seed, epoch).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  shard = documents(data_cfg, "train")[process_index::process_count]
+  if len(shard) == 0:
+    raise ValueError(f"process {process_index} of {process_count} gets no training documents; the corpus is too small")
+  shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
+  batches = _batches(shard.shuffle(seed=shuffle_seed).repeat(), tokenizer, data_cfg.seq_len, batch_size)
+  identity = {
+      "source": data_cfg.source,
+      "documents": len(shard),
+      "seq_len": data_cfg.seq_len,
+      "shuffle_seed": shuffle_seed,
+      "process_index": process_index,
+      "process_count": process_count,
+      "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
+  }
+  return DataIterator(iter(batches), identity=identity)
+
+
+def _documents_read(state: Any) -> int:
+  """The source index inside grain's nested state: documents handed to the packer so far."""
+  if isinstance(state, dict):
+    if "next_index" in state:
+      return int(state["next_index"])
+    return max((_documents_read(v) for v in state.values()), default=0)
+  return 0
+
+
+def _from_json(state: Any) -> Any:
+  """Undo JSON's tuple-to-list conversion; grain's packer compares its slices with tuples."""
+  if isinstance(state, dict):
+    return {k: _from_json(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return tuple(_from_json(v) for v in state)
+  return state
+
+
+class DataIterator(grain.DatasetIterator):
+  """A grain iterator whose JSON state also records the epoch and which pipeline it belongs to.
+
+  `set_state` refuses a state saved by a pipeline with a different corpus
+  size, seq_len, seed, process layout or tokenizer, since continuing from it
+  would silently produce a different stream. (batch_size may change: the
+  stream of rows continues exactly, only grouped differently.)
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any]):
+    super().__init__(parent)
+    self._identity = identity
+
+  def __next__(self) -> packing.Batch:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    inner = self._parent.get_state()
+    documents_read = _documents_read(inner)
+    return {
+        "version": STATE_VERSION,
+        "epoch": documents_read // self._identity["documents"],
+        "documents_read": documents_read,
+        "pipeline": dict(self._identity),
+        "grain": inner,
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state has version {state.get('version')!r}; this code reads {STATE_VERSION}")
+    saved, current = state["pipeline"], self._identity
+    if saved != current:
+      keys = sorted(current.keys() | saved.keys())
+      diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+      raise ValueError(f"data iterator state belongs to a different pipeline (saved vs now): {diff}")
+    self._parent.set_state(_from_json(state["grain"]))
+
+
+def _eval_stream(batches: grain.IterDataset, batch_size: int, max_batches: int) -> Iterator[packing.Batch]:
+  for count, batch in enumerate(batches):
+    if max_batches and count >= max_batches:
+      return
+    yield packing.pad_batch(batch, batch_size)
+
+
+def eval_batches(
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    split: str = "eval",
+    max_batches: int = 0,
+) -> Iterator[packing.Batch]:
+  """One deterministic, unshuffled pass over a split; the last batch is padded with segment-0 rows."""
+  batches = _batches(documents(data_cfg, split), tokenizer, data_cfg.seq_len, batch_size)
+  return _eval_stream(batches, batch_size, max_batches)
+
+
+def eval_batches_from_file(
+    path: str, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_size: int, max_batches: int = 0
+) -> Iterator[packing.Batch]:
+  """Like `eval_batches`, over every document of one file: JSON Lines if it ends in .jsonl, else plain text."""
+  field = data_cfg.jsonl_field if str(path).endswith(".jsonl") else None
+  keyed = sources.file_entries([str(path)], jsonl_field=field, text_unit=data_cfg.text_unit)
+  docs = sources.as_dataset([entry for _, entry in keyed], f"eval file {path}")
+  return _eval_stream(_batches(docs, tokenizer, data_cfg.seq_len, batch_size), batch_size, max_batches)
