@@ -9,6 +9,8 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -22,8 +24,8 @@ TINY_RUN = [  # a few seconds of training per run: 1 layer, 32 tokens, 16 steps
     "--config=configs/pretrain_tiny.py", "--config.train.steps=16", "--config.train.log_every=2",
     "--config.train.checkpoint_every=4", "--config.train.eval_every=8", "--config.train.eval_batches=1",
     "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.d_ffn=64",
-    "--config.data.seq_len=32", "--config.train.global_batch=4", "--config.data.spm_vocab_size=256",
-    "--config.model.vocab_size=256", "--config.data.max_documents=200", "--config.optimizer.warmup_steps=2",
+    "--config.data.seq_len=32", "--config.train.global_batch=4", "--config.data.spm_vocab_size=512",
+    "--config.model.vocab_size=512", "--config.data.max_documents=200", "--config.optimizer.warmup_steps=2",
 ]
 HISTORY_KEYS = ("step", "loss", "grad_norm", "update_norm", "lr", "eval_loss")
 
@@ -136,3 +138,23 @@ def test_distillation_loss_on_8_devices_equals_one_device(tmp_path):
     values.append(float(loss_sum / count))
     assert float(count) == 8 * 28
   assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-5)
+
+
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
+  from ministral_jax.train import loop, optimizer, pretrain
+  cfg = config.preset("tiny", n_layers=1)
+  params = transformer.init_params(cfg, jax.random.key(0))
+  rng = np.random.RandomState(1)
+  batch = {k: rng.randint(0, cfg.vocab_size, (4, 16)).astype(np.int32) for k in ("inputs", "targets")}
+  batch["positions"] = np.tile(np.arange(16, dtype=np.int32), (4, 1))
+  batch["segment_ids"] = np.ones((4, 16), np.int32)
+  batch["segment_ids"][0, 10:] = 0  # uneven token counts across microbatches
+  exp = ml_collections.ConfigDict({"loss": pretrain.loss_config()})
+  task = pretrain.make_task(exp, cfg, None)
+  tx, _ = optimizer.make_optimizer(optimizer.optimizer_config(lr=1e-2), 10)
+  state = loop.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  results = [jax.jit(loop.make_train_step(task, tx, accum, seed=0))(state, batch, None) for accum in (1, 2, 4)]
+  for new_state, out in results[1:]:
+    np.testing.assert_allclose(out["loss"], results[0][1]["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(results[0][0].params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -171,7 +171,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b, f: task.loss_fn(p, b, f, jax.random.key(0))[:2],
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
-  writer = metrics.MetricsWriter(workdir, int(state.step))
+  start_step = int(state.step)
+  writer = metrics.MetricsWriter(workdir, start_step)
   meta = {"model": model_cfg.to_dict(), "task": task.name}
   try:
     with partitioner.activate():
@@ -181,7 +182,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  if int(state.step) == cfg.train.steps:  # the final model, for eval, sampling and the next stage
+  if int(state.step) == cfg.train.steps > start_step:  # the final model, for eval, sampling, next stage
     orbax_io.save_params(epath.Path(workdir) / "params", state.params, model_cfg, overwrite=True,
                          extra_metadata={"task": task.name, "step": cfg.train.steps})
   return last
