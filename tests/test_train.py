@@ -132,9 +132,9 @@ def test_distillation_loss_on_8_devices_equals_one_device(tmp_path):
     devices = jax.devices()[:int(np.prod(shape))]
     part = sharding.Partitioner(sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices))
     task = distill.make_task(cfg, student_cfg, part)
+    sharded_student, sharded_batch = part.shard_params(student, student_cfg), part.shard_batch(batch)
     with part.activate():
-      loss_sum, count, _ = jax.jit(task.loss_fn)(part.shard_params(student, student_cfg),
-                                                 part.shard_batch(batch), task.frozen, jax.random.key(0))
+      loss_sum, count, _ = jax.jit(task.loss_fn)(sharded_student, sharded_batch, task.frozen, jax.random.key(0))
     values.append(float(loss_sum / count))
     assert float(count) == 8 * 28
   assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-5)

@@ -25,6 +25,7 @@ decode together without holes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -127,7 +128,13 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
 CACHE_AXES = ("layers", "cache_batch", "cache_sequence", "cache_kv_heads", None)
 
 
+@functools.lru_cache(maxsize=32)
 def _abstract_boxed(cfg: ModelConfig) -> Any:
+  """Shapes and logical axes of every parameter (cached: configs are hashable).
+
+  Call it outside `Partitioner.activate()`: under an active mesh the init's
+  activation constraints would ask for concrete shardings.
+  """
   model = Transformer(cfg)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
