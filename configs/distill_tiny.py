@@ -12,6 +12,7 @@ import ml_collections
 
 from ministral_jax import sharding
 from ministral_jax.data import pipeline
+from ministral_jax.eval import task as eval_task
 from ministral_jax.model import config as model_config
 from ministral_jax.train import distill, loop, optimizer, pretrain
 
@@ -32,4 +33,5 @@ def get_config(arg: str = "cpu_tiny") -> ml_collections.ConfigDict:
   c.optimizer = optimizer.optimizer_config(lr=3e-3)
   c.optimizer.warmup_steps = 30
   c.loss = pretrain.loss_config()
+  c.eval = eval_task.eval_config()  # for --config.task=eval on this experiment's workdir
   return c

@@ -65,10 +65,15 @@ def _wait_for_step(workdir, step, proc):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def straight_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   _finish(_start(workdir))
-  return _history(workdir), _params(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight_workdir):
+  return _history(straight_workdir), _params(straight_workdir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -158,3 +163,38 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
     np.testing.assert_allclose(out["loss"], results[0][1]["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(results[0][0].params)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+
+def test_eval_task_reports_loss_on_the_eval_split_and_on_a_user_file(straight_workdir, tmp_path):
+  text = tmp_path / "extra.txt"
+  text.write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    pass\n")
+  proc = _start(straight_workdir, "--config.task=eval", f"--config.eval.files={text}",
+                "--config.eval.batch_size=2")
+  out = _finish(proc)
+  results = json.loads((straight_workdir / "eval.json").read_text())["results"]
+  assert set(results) == {"eval_split", str(text)} and "perplexity" in out
+  for r in results.values():
+    assert r["tokens"] > 0 and np.isclose(r["perplexity"], np.exp(r["loss"]))
+  # A trained model beats the uniform distribution over its 512 ids.
+  assert results["eval_split"]["loss"] < np.log(512)
+
+
+def test_training_with_a_tokenizer_larger_than_the_model_fails_before_the_first_step(tmp_path):
+  proc = _start(tmp_path, "--config.model.vocab_size=300")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "512" in err and "300" in err
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_teacher_or_teacher_with_another_vocabulary_is_rejected(tmp_path):
+  import ml_collections
+  student = config.preset("tiny")
+  cfg = ml_collections.ConfigDict({"distill": distill.distill_config(str(tmp_path / "nope"))})
+  with pytest.raises(ValueError, match="does not exist"):
+    distill.load_teacher(cfg, student, None)
+  other = config.preset("tiny", vocab_size=256)
+  orbax_io.save_params(tmp_path / "t", transformer.init_params(other, jax.random.key(0)), other)
+  cfg.distill.teacher = str(tmp_path / "t")
+  with pytest.raises(ValueError, match=r"teacher's vocabulary \(256\) differs from the student's \(512\)"):
+    distill.load_teacher(cfg, student, None)

@@ -40,10 +40,10 @@ def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, parti
   return params, teacher_cfg
 
 
-def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
-  teacher_params, teacher_cfg = load_teacher(cfg, model_cfg, partitioner)
-  chunks = dict(seq_chunk=cfg.loss.seq_chunk, vocab_chunk=cfg.loss.vocab_chunk)
-  ce_weight, temperature = cfg.distill.ce_weight, cfg.distill.temperature
+def make_loss(model_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: ml_collections.ConfigDict,
+              temperature: float = 1.0, ce_weight: float = 0.0) -> loop.LossFn:
+  """The distillation loss: (params, batch, teacher params, rng) -> (loss_sum, tokens, aux)."""
+  chunks = dict(seq_chunk=loss_cfg.seq_chunk, vocab_chunk=loss_cfg.vocab_chunk)
 
   def loss_fn(params, batch, teacher, rng):
     del rng
@@ -55,6 +55,12 @@ def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitione
       return kl_sum, count, {}
     ce_sum, _ = losses.cross_entropy(hidden, head, batch["targets"], mask, **chunks)
     return (1 - ce_weight) * kl_sum + ce_weight * ce_sum, count, {"kl": kl_sum, "ce": ce_sum}
+  return loss_fn
+
+
+def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
+  teacher_params, teacher_cfg = load_teacher(cfg, model_cfg, partitioner)
+  loss_fn = make_loss(model_cfg, teacher_cfg, cfg.loss, cfg.distill.temperature, cfg.distill.ce_weight)
   return loop.Task("distill", loss_fn, frozen=teacher_params,
                    frozen_shardings=partitioner.param_shardings(teacher_cfg))
 
