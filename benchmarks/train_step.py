@@ -20,7 +20,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from benchmarks.common import cpu_model, cpu_threads, markdown_table, time_calls
@@ -59,13 +58,13 @@ def main() -> None:
   teacher = student.replace(n_layers=2 * student.n_layers)
   tiny = config.preset("cpu_tiny")
   teacher_params = transformer.init_params(teacher, jax.random.key(1))
-  exp = ml_collections.ConfigDict({"loss": loss_cfg})
   big = batch_of(student.vocab_size, a.batch, a.seq)
   calls = {
-      "student only": step_call(pretrain.make_task(exp, student, None), student, big),
+      "student only": step_call(loop.Task("pretrain", pretrain.make_loss(student, loss_cfg)), student, big),
       "distill": step_call(loop.Task("distill", distill.make_loss(student, teacher, loss_cfg), teacher_params),
                            student, big),
-      "tiny default": step_call(pretrain.make_task(exp, tiny, None), tiny, batch_of(tiny.vocab_size, 16, 128)),
+      "tiny default": step_call(loop.Task("pretrain", pretrain.make_loss(tiny, loss_cfg)), tiny,
+                                batch_of(tiny.vocab_size, 16, 128)),
   }
   x = jax.random.normal(jax.random.key(2), (2048, 2048))
   dot = jax.jit(jnp.dot)

@@ -154,8 +154,7 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
   batch["positions"] = np.tile(np.arange(16, dtype=np.int32), (4, 1))
   batch["segment_ids"] = np.ones((4, 16), np.int32)
   batch["segment_ids"][0, 10:] = 0  # uneven token counts across microbatches
-  exp = ml_collections.ConfigDict({"loss": pretrain.loss_config()})
-  task = pretrain.make_task(exp, cfg, None)
+  task = loop.Task("pretrain", pretrain.make_loss(cfg, pretrain.loss_config()))
   tx, _ = optimizer.make_optimizer(optimizer.optimizer_config(lr=1e-2), 10)
   state = loop.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   results = [jax.jit(loop.make_train_step(task, tx, accum, seed=0))(state, batch, None) for accum in (1, 2, 4)]

@@ -47,8 +47,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = pipeline.build_tokenizer(cfg.data, workdir)
   tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)
   params, model_cfg = convert.load_any(path, partitioner)
-  task = pretrain.make_task(cfg, model_cfg, partitioner)
-  loss_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None, jax.random.key(0))[:2])
+  next_token_loss = pretrain.make_loss(model_cfg, cfg.loss)
+  loss_fn = jax.jit(lambda p, b: next_token_loss(p, b, None, jax.random.key(0))[:2])
   batch = cfg.eval.batch_size
   sources = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)}
   for f in files:

@@ -17,7 +17,7 @@ from etils import epath
 
 from ministral_jax.checkpoint import convert
 from ministral_jax.model.config import ModelConfig
-from ministral_jax.train import loop, losses
+from ministral_jax.train import loop, losses, pretrain
 from ministral_jax.train.pretrain import hidden_and_head, token_mask
 
 
@@ -62,7 +62,8 @@ def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitione
   teacher_params, teacher_cfg = load_teacher(cfg, model_cfg, partitioner)
   loss_fn = make_loss(model_cfg, teacher_cfg, cfg.loss, cfg.distill.temperature, cfg.distill.ce_weight)
   return loop.Task("distill", loss_fn, frozen=teacher_params,
-                   frozen_shardings=partitioner.param_shardings(teacher_cfg))
+                   frozen_shardings=partitioner.param_shardings(teacher_cfg),
+                   eval_loss_fn=pretrain.make_loss(model_cfg, cfg.loss))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

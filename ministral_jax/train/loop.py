@@ -44,6 +44,9 @@ class Task:
   loss_fn: LossFn
   frozen: Any = None  # passed to every step as an argument, never baked into the program
   frozen_shardings: Any = None
+  # Periodic eval reports this loss (default: the training loss). Distillation evaluates
+  # next-token loss, so eval numbers compare across trainers.
+  eval_loss_fn: LossFn | None = None
 
 
 @struct.dataclass
@@ -169,7 +172,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
   step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
                     in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(lambda p, b, f: task.loss_fn(p, b, f, jax.random.key(0))[:2],
+  eval_loss = task.eval_loss_fn or task.loss_fn
+  eval_fn = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
   start_step = int(state.step)
   writer = metrics.MetricsWriter(workdir, start_step)

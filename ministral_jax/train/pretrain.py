@@ -29,16 +29,21 @@ def token_mask(batch: dict):
   return (batch["segment_ids"] != 0).astype(jnp.float32)
 
 
-def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
-  del partitioner
-  chunks = dict(seq_chunk=cfg.loss.seq_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+def make_loss(model_cfg: ModelConfig, loss_cfg: ml_collections.ConfigDict) -> loop.LossFn:
+  """Next-token loss: (params, batch, frozen, rng) -> (loss_sum, tokens, aux)."""
+  chunks = dict(seq_chunk=loss_cfg.seq_chunk, vocab_chunk=loss_cfg.vocab_chunk)
 
   def loss_fn(params, batch, frozen, rng):
     del frozen, rng
     hidden, head = hidden_and_head(model_cfg, params, batch)
     loss_sum, count = losses.cross_entropy(hidden, head, batch["targets"], token_mask(batch), **chunks)
     return loss_sum, count, {}
-  return loop.Task("pretrain", loss_fn)
+  return loss_fn
+
+
+def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner) -> loop.Task:
+  del partitioner
+  return loop.Task("pretrain", make_loss(model_cfg, cfg.loss))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
