@@ -187,7 +187,6 @@ def test_training_with_a_tokenizer_larger_than_the_model_fails_before_the_first_
 
 
 def test_missing_teacher_or_teacher_with_another_vocabulary_is_rejected(tmp_path):
-  import ml_collections
   student = config.preset("tiny")
   cfg = ml_collections.ConfigDict({"distill": distill.distill_config(str(tmp_path / "nope"))})
   with pytest.raises(ValueError, match="does not exist"):
