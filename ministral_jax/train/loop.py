@@ -133,6 +133,25 @@ def _install_sigterm() -> dict:
   return flag
 
 
+def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest, data):
+  """A fresh state, or the latest checkpoint's (and its data-iterator state), sharded by the rules."""
+  abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                                  transformer.abstract_params(model_cfg))
+  replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
+  state_shardings = TrainState(replicated, param_shardings,
+                               partitioner.like_params(abstract_state.opt_state, param_shardings))
+  if latest is None:
+    params = _init_params(cfg, model_cfg, partitioner, param_shardings)
+    state = TrainState(jnp.zeros((), jnp.int32), params,
+                       jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
+    return jax.device_put(state, state_shardings), state_shardings
+  state, data_state = checkpointing.restore(
+      mngr, latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+  data.set_state(data_state)
+  logging.info("Resumed from step %d", latest)
+  return state, state_shardings
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> dict:
   """Trains `cfg.train.steps` steps (resuming from `workdir`); returns the last logged metrics."""
   # ---- everything that can be wrong is checked before any work ----
@@ -152,26 +171,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
                                  seed=cfg.seed, process_index=jax.process_index(),
                                  process_count=jax.process_count())
 
-  # ---- the train state, fresh or restored, sharded by the rules ----
-  abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                                  transformer.abstract_params(model_cfg))
-  replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
-  state_shardings = TrainState(replicated, param_shardings,
-                               partitioner.like_params(abstract_state.opt_state, param_shardings))
-  if latest is None:
-    params = _init_params(cfg, model_cfg, partitioner, param_shardings)
-    state = TrainState(jnp.zeros((), jnp.int32), params,
-                       jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
-    state = jax.device_put(state, state_shardings)
-  else:
-    state, data_state = checkpointing.restore(
-        mngr, latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
-    data.set_state(data_state)
-    logging.info("Resumed from step %d", latest)
-
+  state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest, data)
   step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
                     in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
-                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                    out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
   eval_loss = task.eval_loss_fn or task.loss_fn
   eval_fn = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
