@@ -50,11 +50,12 @@ def make_loss(model_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: ml_col
     mask = token_mask(batch)
     hidden, head = hidden_and_head(model_cfg, params, batch)
     t_hidden, t_head = jax.lax.stop_gradient(hidden_and_head(teacher_cfg, teacher, batch))
-    kl_sum, count = losses.kd_loss(hidden, head, t_hidden, t_head, mask, temperature=temperature, **chunks)
     if not ce_weight:
+      kl_sum, count = losses.kd_loss(hidden, head, t_hidden, t_head, mask, temperature=temperature, **chunks)
       return kl_sum, count, {}
-    ce_sum, _ = losses.cross_entropy(hidden, head, batch["targets"], mask, **chunks)
-    return (1 - ce_weight) * kl_sum + ce_weight * ce_sum, count, {"kl": kl_sum, "ce": ce_sum}
+    # One pass over the logits for both terms: alpha * KL + (1 - alpha) * CE.
+    return losses.kd_with_ce(hidden, head, t_hidden, t_head, batch["targets"], mask, alpha=1 - ce_weight,
+                             temperature=temperature, **chunks)
   return loss_fn
 
 

@@ -1,223 +1,336 @@
 """Losses computed from hidden states in chunks, so `[batch, seq, vocab]` logits never exist.
 
-With a 131,072-token vocabulary the logits dominate memory: at seq 4096 one
-fp32 copy is 2 GiB per sequence, and distillation needs the teacher's too,
-plus their gradients. Both losses here walk the sequence in chunks of
-`seq_chunk` tokens and the vocabulary in chunks of `vocab_chunk` columns,
-holding one `[batch, seq_chunk, vocab_chunk]` block at a time:
+Why: with Ministral 3's 131,072-token vocabulary the logits dominate training
+memory. At seq 4096 a single fp32 copy is 2 GiB per sequence. Autodiff keeps
+that copy and its softmax for the backward, and distillation needs the
+teacher's as well. The transformer blocks need far less (with remat, a few
+`[seq, d_model]` activations per layer). So every loss here works from the
+final hidden states `[B, T, D]` and the LM head `[D, V]`, and only ever
+holds a `[B, seq_chunk, vocab_chunk]` block of logits.
 
-- forward: per token, streaming softmax statistics (running max and sum,
-  and for distillation the teacher-weighted logit gap), sequence-outer;
-- backward (a custom VJP): vocabulary-outer, sequence-inner. For each
-  vocabulary chunk the gradient of the head's columns is summed over the
-  sequence and written into the head's gradient in place, so nothing larger
-  than that gradient itself is ever stored.
+One mechanism serves all the losses (`_token_losses`, a custom VJP). Each
+loss is a set of per-token *terms*: "ce" (next-token NLL) and "kd" (forward
+KL teacher || student). Both passes walk the vocabulary in the outer loop and
+the sequence in the inner loop:
 
-Matmuls run in the hidden states' dtype with fp32 accumulation; every
-softmax statistic is fp32. Both functions return `(loss_sum, token_count)`
-summed over tokens with mask 1, so a caller can add microbatches and divide
-once.
+- forward: streaming (online) softmax statistics per token: running max and
+  sum, the target's logit, and for KD the teacher-weighted logit gap. These
+  are rescaled when the teacher's max grows, so KD takes one pass and runs
+  each teacher matmul once per block.
+- backward: recomputes each block's logits from the saved per-token
+  logsumexps. The head's gradient for one vocabulary chunk is summed over the
+  whole sequence in fp32, then written once. So nothing larger than the
+  gradients themselves (plus one `[D, vocab_chunk]` fp32 accumulator) is stored.
+
+Sizes that are not multiples of the chunks: the last chunk is moved back so
+that it ends at T (or V), and the part it shares with the previous chunk is
+masked. In the forward, the shared columns get logit `_PAD_LOGIT` and the
+shared tokens keep their statistics. In the backward, neither adds to `dh`
+a second time. So neither the head nor the hidden states are ever padded
+(copied).
+
+Matmuls run in the hidden states' dtype with fp32 accumulation, and every
+softmax statistic is fp32. Losses return `(loss_sum, token_count)` summed
+over tokens with mask != 0, so a caller can add microbatches and divide once.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-_PAD_LOGIT = -1e9  # padded vocabulary columns: exp() underflows to exactly 0, no inf - inf
-_INIT_MAX = -1e30  # the running max starts below any logit, and finite
-
-
-def _vocab_chunks(head: jax.Array, vocab_chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """head `[D, V]` (padded to a multiple of the chunk only if needed), the additive padding bias
-  `[n, vocab_chunk]` and each chunk's first column `[n]`. Chunks are cut with `dynamic_slice`
-  inside the loops, so no transposed copy of a `[D, V]` matrix is made."""
-  v = head.shape[1]
-  vocab_chunk = min(vocab_chunk, v)
-  n = -(-v // vocab_chunk)
-  if n * vocab_chunk != v:
-    head = jnp.pad(head, ((0, 0), (0, n * vocab_chunk - v)))
-  bias = jnp.where(jnp.arange(n * vocab_chunk) < v, 0.0, _PAD_LOGIT).astype(jnp.float32)
-  return head, bias.reshape(n, vocab_chunk), jnp.arange(n) * vocab_chunk
-
-
-def _seq_chunks(x: jax.Array | None, c: int) -> jax.Array | None:
-  """`[B, T, ...]` -> `[n, B, c, ...]`, zero-padded (None stays None)."""
-  if x is None:
-    return None
-  t = x.shape[1]
-  n = -(-t // c)
-  x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
-
-
-def _unchunk(x: jax.Array, t: int) -> jax.Array:
-  """`[n, B, c, ...]` -> `[B, T, ...]`."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
-
-
-def _logits(h: jax.Array, head: jax.Array, start: jax.Array, bias: jax.Array) -> jax.Array:
-  """`[B, c, D]` times the head's columns [start, start + vc) -> fp32 `[B, c, vc]`."""
-  w = jax.lax.dynamic_slice_in_dim(head, start, bias.shape[-1], axis=1).astype(h.dtype)
-  return jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32) + bias
-
-
-def _lse_fold(m: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Folds a chunk z `[..., vc]` into a streaming logsumexp (max m, sum s); returns the rescale too."""
-  m_new = jnp.maximum(m, jnp.max(z, axis=-1))
-  rescale = jnp.exp(m - m_new)
-  return m_new, s * rescale + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1), rescale
+# Masked logits: exp() of them underflows to exactly 0. They are finite, not
+# -inf, so that the KD gap's (z_t - z_s) at a masked column is 0 rather than
+# inf - inf = nan. The running max starts lower still.
+_PAD_LOGIT = -1e9
+_INIT_MAX = -1e30
+Terms = tuple[str, ...]  # a subset of ("ce", "kd"), static
 
 
 # ---------------------------------------------------------------------------
-# The two losses as one mechanism: a per-token statistic pass and the logit
-# gradient. `kind` is "ce" (student vs targets) or "kd" (student vs teacher).
+# Chunking machinery (shared by every loss, forward and backward).
 # ---------------------------------------------------------------------------
-def _token_stats(kind, hs, ws, ht, wt, targets, inv_t, bias, starts):
-  """Per-token statistics `[B, c]` of one sequence chunk, streaming over the vocabulary."""
-  zeros = jnp.zeros(hs.shape[:2], jnp.float32)
+def _sweep(size: int, chunk: int, body: Callable[..., Any], carry: Any, consts: Any) -> Any:
+  """`carry = body(carry, consts, start, fresh)` for each chunk `[start, start + c)` of `range(size)`.
 
-  def step(carry, xs):
-    b, start = xs
-    zs = _logits(hs, ws, start, b) * inv_t
-    ms, ss, _ = _lse_fold(carry["ms"], carry["ss"], zs)
-    out = dict(ms=ms, ss=ss)
-    if kind == "ce":
-      hit = (targets - start)[..., None] == jnp.arange(zs.shape[-1])
-      out["picked"] = carry["picked"] + jnp.sum(jnp.where(hit, zs, 0.0), axis=-1)
-    else:
-      zt = _logits(ht, wt, start, b) * inv_t
-      mt, st, rescale = _lse_fold(carry["mt"], carry["st"], zt)
-      gap = jnp.sum(jnp.exp(zt - mt[..., None]) * (zt - zs), axis=-1)
-      out.update(mt=mt, st=st, gap=carry["gap"] * rescale + gap)
-    return out, None
+  `c = min(chunk, size)`. The last chunk starts at `size - c`, and `fresh`
+  (`[c]` bool) marks the elements that no earlier chunk covered. `consts`
+  holds the arrays the body slices. It rides in the loop state behind an
+  optimization barrier, so XLA cannot hoist a whole-array op out of the loop.
+  (XLA:CPU upcasts each bf16 `dynamic-slice` to fp32, and hoisting that would
+  keep an fp32 copy of every bf16 head.)
+  """
+  c = min(chunk, size)
 
-  init = dict(ms=zeros + _INIT_MAX, ss=zeros)
-  init.update(dict(picked=zeros) if kind == "ce" else dict(mt=zeros + _INIT_MAX, st=zeros, gap=zeros))
-  acc, _ = jax.lax.scan(step, init, (bias, starts))
-  stats = {"lse_s": acc["ms"] + jnp.log(acc["ss"])}
-  if kind == "ce":
-    stats["loss"] = stats["lse_s"] - acc["picked"]
-  else:
-    stats["lse_t"] = acc["mt"] + jnp.log(acc["st"])
-    stats["loss"] = acc["gap"] / acc["st"] - stats["lse_t"] + stats["lse_s"]
-  return stats
+  def step(state, i):
+    carry, consts = jax.lax.optimization_barrier(state)
+    start = jnp.minimum(i * c, size - c)
+    return (body(carry, consts, start, start + jnp.arange(c) >= i * c), consts), None
+  return jax.lax.scan(step, (carry, consts), jnp.arange(-(-size // c)))[0][0]
 
 
-def _dlogits(kind, h, ws, ht, wt, targets, stats, start, b, inv_t):
-  """d(token loss)/d(student logits) for one `[B, c, vc]` block."""
-  zs = _logits(h, ws, start, b) * inv_t
-  p_s = jnp.exp(zs - stats["lse_s"][..., None])
-  if kind == "ce":
-    return p_s - ((targets - start)[..., None] == jnp.arange(zs.shape[-1]))
-  p_t = jnp.exp(_logits(ht, wt, start, b) * inv_t - stats["lse_t"][..., None])
-  return (p_s - p_t) * inv_t
+def _take(tree: Any, start: jax.Array, n: int) -> Any:
+  """Slices `[start, start + n)` of axis 1 of every leaf: tokens of `[B, T, ...]`, columns of `[D, V]`."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, n, axis=1), tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9, 10))
-def _chunked(kind, hs, ws, ht, wt, targets, mask, inv_t, scale, seq_chunk, vocab_chunk):
-  return _chunked_fwd(kind, hs, ws, ht, wt, targets, mask, inv_t, scale, seq_chunk, vocab_chunk)[0]
+def _put(tree: Any, start: jax.Array, new: Any) -> Any:
+  return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1), tree, new)
 
 
-def _chunked_fwd(kind, hs, ws, ht, wt, targets, mask, inv_t, scale, seq_chunk, vocab_chunk):
-  c = min(seq_chunk, hs.shape[1])
-  ws_p, bias, starts = _vocab_chunks(ws, vocab_chunk)
-  wt_p = _vocab_chunks(wt, vocab_chunk)[0] if kind == "kd" else ws_p
-
-  def per_chunk(_, xs):
-    h, h_t, tgt = xs
-    return None, _token_stats(kind, h, ws_p, h_t, wt_p, tgt, inv_t, bias, starts)
-  _, stats = jax.lax.scan(per_chunk, None, (_seq_chunks(hs, c), _seq_chunks(ht, c), _seq_chunks(targets, c)))
-  stats = {k: _unchunk(v, hs.shape[1]) for k, v in stats.items()}
-  loss = jnp.sum(stats.pop("loss") * mask) * scale
-  return loss, (hs, ws, ht, wt, targets, mask, stats)
+def _logits(h: jax.Array, w: jax.Array) -> jax.Array:
+  """`[B, c, D]` x `[D, vc]` in h's dtype, accumulated and returned in fp32 `[B, c, vc]`."""
+  return jnp.einsum("bcd,dv->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
-def _chunked_bwd(kind, inv_t, scale, seq_chunk, vocab_chunk, res, g):
-  hs, ws, ht, wt, targets, mask, stats = res
-  t, c = hs.shape[1], min(seq_chunk, hs.shape[1])
-  ws_p, bias, starts = _vocab_chunks(ws, vocab_chunk)
-  wt_p = _vocab_chunks(wt, vocab_chunk)[0] if kind == "kd" else ws_p
-  weight = _seq_chunks(mask * (g * scale), c)  # [n, B, c]
-  seq_xs = (_seq_chunks(hs, c), _seq_chunks(ht, c), _seq_chunks(targets, c),
-            weight, {k: _seq_chunks(v, c) for k, v in stats.items()})
+def _block(terms: Terms, inv_t: float, h, w, h_t, w_t, valid: jax.Array | None) -> dict[str, jax.Array]:
+  """The fp32 logits `[B, c, vc]` of one block that `terms` need: "c" student (for CE), "s"
+  student / T and "t" teacher / T (for KD). Columns outside `valid` `[vc]` (owned by an
+  earlier chunk) are masked to `_PAD_LOGIT`, unless `valid` is None."""
+  mask = (lambda z: z) if valid is None else (lambda z: jnp.where(valid, z, _PAD_LOGIT))
+  raw = _logits(h, w)
+  z = {"c": mask(raw)} if "ce" in terms else {}
+  if "kd" in terms:
+    z.update(s=mask(raw * inv_t), t=mask(_logits(h_t, w_t) * inv_t))
+  return z
 
-  def vocab_step(carry, xs):  # one vocabulary chunk: all of its sequence chunks
+
+def _hit(targets: jax.Array, start: jax.Array, valid: jax.Array, owned_only: bool = True) -> jax.Array:
+  """`[B, c, vc]`: the target's column (if this chunk owns it, with `owned_only`)."""
+  hit = (targets - start)[..., None] == jnp.arange(valid.shape[0])
+  return hit & valid if owned_only else hit
+
+
+# ---------------------------------------------------------------------------
+# Per-token losses: forward statistics and the logit gradient.
+# ---------------------------------------------------------------------------
+def _fold(acc: dict, z: dict, hit: jax.Array | None) -> dict:
+  """Folds one block into the running statistics of its tokens: (max, sum) per logit set,
+  the target logit ("picked") and the teacher-weighted gap sum_v e^(z_t - m_t) (z_t - z_s)."""
+  new = {}
+  for k, zk in z.items():
+    m, s = acc[k]
+    m_new = jnp.maximum(m, jnp.max(zk, axis=-1))
+    new[k] = (m_new, s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(zk - m_new[..., None]), axis=-1))
+  if "c" in z:
+    new["picked"] = acc["picked"] + jnp.sum(jnp.where(hit, z["c"], 0.0), axis=-1)
+  if "t" in z:
+    m_t = new["t"][0]
+    gap = jnp.sum(jnp.exp(z["t"] - m_t[..., None]) * (z["t"] - z["s"]), axis=-1)
+    new["gap"] = acc["gap"] * jnp.exp(acc["t"][0] - m_t) + gap
+  return new
+
+
+def _forward(terms: Terms, inv_t: float, seq_chunk: int, vocab_chunk: int, hs, ws, ht, wt, targets):
+  """Per-token losses `{term: [B, T]}` and the logsumexps `{"c"|"s"|"t": [B, T]}` the backward needs."""
+  (b, t), v = hs.shape[:2], ws.shape[1]
+  full = lambda x: jnp.full((b, t), x, jnp.float32)
+  keys = (["c"] if "ce" in terms else []) + (["s", "t"] if "kd" in terms else [])
+  init: dict[str, Any] = {k: (full(_INIT_MAX), full(0.0)) for k in keys}
+  if "ce" in terms:
+    init["picked"] = full(0.0)
+  if "kd" in terms:
+    init["gap"] = full(0.0)
+
+  def vocab_body(stats, consts, v0, valid):
+    w_s, w_t = _take(consts[:2], v0, valid.shape[0])  # [D, vc] columns of the two heads
+
+    def seq_body(stats, tokens, t0, fresh):
+      h, h_t, tgt = _take(tokens, t0, fresh.shape[0])  # [B, c, D_s], [B, c, D_t], [B, c]
+      old = _take(stats, t0, fresh.shape[0])
+      new = _fold(old, _block(terms, inv_t, h, w_s, h_t, w_t, valid),
+                  _hit(tgt, v0, valid) if "ce" in terms else None)
+      return _put(stats, t0, jax.tree.map(lambda n, o: jnp.where(fresh, n, o), new, old))
+    return _sweep(t, seq_chunk, seq_body, stats, consts[2:])
+
+  stats = _sweep(v, vocab_chunk, vocab_body, init, (ws, wt, hs, ht, targets))
+  lse = {k: stats[k][0] + jnp.log(stats[k][1]) for k in keys}
+  losses = {}
+  if "ce" in terms:
+    losses["ce"] = lse["c"] - stats["picked"]
+  if "kd" in terms:  # KL = E_pt[z_t - z_s] - lse_t + lse_s
+    losses["kd"] = stats["gap"] / stats["t"][1] - lse["t"] + lse["s"]
+  return losses, lse
+
+
+def _dlogits(z: dict, lse: dict, hit, g: dict, inv_t: float) -> jax.Array:
+  """d(sum_terms g_term * loss_term)/d(raw student logits) for one block, fp32 `[B, c, vc]`."""
+  p = {k: jnp.exp(zk - lse[k][..., None]) for k, zk in z.items()}
+  dz = 0.0
+  if "c" in z:
+    dz = dz + (p["c"] - hit) * g["ce"][..., None]
+  if "t" in z:
+    dz = dz + (p["s"] - p["t"]) * (inv_t * g["kd"])[..., None]
+  return dz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _token_losses(terms: Terms, inv_t: float, seq_chunk: int, vocab_chunk: int, hs, ws, ht, wt, targets):
+  """`{term: [B, T] fp32}` per-token losses; gradients flow to the student only.
+
+  hs `[B, T, D_s]`, ws `[D_s, V]`; ht `[B, T, D_t]`, wt `[D_t, V]` (None without "kd");
+  targets `[B, T]` int (None without "ce"). `inv_t` = 1 / temperature, for "kd" only.
+  """
+  return _forward(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets)[0]
+
+
+def _token_losses_fwd(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets):
+  losses, lse = _forward(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets)
+  return losses, (hs, ws, ht, wt, targets, lse)
+
+
+def _token_losses_bwd(terms, inv_t, seq_chunk, vocab_chunk, res, g):
+  hs, ws, ht, wt, targets, lse = res
+  (t, d), v = hs.shape[1:], ws.shape[1]
+
+  # Every column of a chunk is real, so the logits go unmasked: the gradient of the last
+  # chunk's overlap is computed again, exactly, and `dw` is only ever written, never read.
+  # Only its dh contribution is masked, since the previous chunk already added it.
+  def vocab_body(carry, consts, v0, valid):
     dh, dw = carry
-    b, start = xs
+    w_s, w_t = _take(consts[:2], v0, valid.shape[0])
 
-    def seq_step(dw_chunk, ys):
-      h, h_t, tgt, wgt, st = ys
-      dz = _dlogits(kind, h, ws_p, h_t, wt_p, tgt, st, start, b, inv_t) * wgt[..., None]  # [B, c, vc]
-      w = jax.lax.dynamic_slice_in_dim(ws_p, start, b.shape[-1], axis=1)
-      dh_chunk = jnp.einsum("bcv,dv->bcd", dz.astype(h.dtype), w.astype(h.dtype),
-                            preferred_element_type=jnp.float32)
-      return dw_chunk + jnp.einsum("bcd,bcv->dv", h, dz.astype(h.dtype), preferred_element_type=jnp.float32), dh_chunk
-    dw_chunk, dh_chunks = jax.lax.scan(seq_step, jnp.zeros((ws.shape[0], b.shape[-1]), jnp.float32), seq_xs)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_chunk.astype(dw.dtype), start, axis=1)
-    return (dh + dh_chunks, dw), None
+    def seq_body(carry, tokens, t0, fresh):
+      dh, dw_chunk = carry
+      h, h_t, tgt, lse_c, g_c = _take(tokens, t0, fresh.shape[0])
+      g_c = jax.tree.map(lambda x: x * fresh, g_c)  # tokens of an earlier chunk: no second gradient
+      z = _block(terms, inv_t, h, w_s, h_t, w_t, None)
+      dz = _dlogits(z, lse_c, _hit(tgt, v0, valid, False) if "ce" in terms else None, g_c, inv_t)
+      dz, dz_owned = dz.astype(h.dtype), jnp.where(valid, dz, 0.0).astype(h.dtype)  # [B, c, vc]
+      dh_c = jnp.einsum("bcv,dv->bcd", dz_owned, w_s.astype(h.dtype), preferred_element_type=jnp.float32)
+      dw_chunk += jnp.einsum("bcd,bcv->dv", h, dz, preferred_element_type=jnp.float32)
+      return _put(dh, t0, _take(dh, t0, fresh.shape[0]) + dh_c), dw_chunk
 
-  init = (jnp.zeros((weight.shape[0], *hs.shape[:1], c, hs.shape[2]), jnp.float32), jnp.zeros_like(ws_p))
-  (dh, dw), _ = jax.lax.scan(vocab_step, init, (bias, starts))
-  dh = _unchunk(dh, t).astype(hs.dtype)
-  dw = dw[:, :ws.shape[1]]
-  return dh, dw, None, None, None, None  # the teacher, targets and mask get no gradient
+    dw_chunk = jnp.zeros((d, valid.shape[0]), jnp.float32)
+    dh, dw_chunk = _sweep(t, seq_chunk, seq_body, (dh, dw_chunk), consts[2:])
+    return dh, _put(dw, v0, dw_chunk.astype(dw.dtype))
+
+  init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros_like(ws))  # dh [B, T, D_s], dw [D_s, V]
+  dh, dw = _sweep(v, vocab_chunk, vocab_body, init, (ws, wt, hs, ht, targets, lse, g))
+  return dh.astype(hs.dtype), dw, None, None, None  # teacher and targets: no gradient
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public losses.
+# ---------------------------------------------------------------------------
+def _masked_sum(per_token: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(sum of mask * loss, sum of mask)`; a token with mask 0 adds exactly 0, even if its loss is nan."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(jnp.where(mask != 0, per_token * mask, 0.0)), jnp.sum(mask)
+
+
+def _check(hidden: jax.Array, head: jax.Array, who: str, seq_chunk: int, vocab_chunk: int) -> None:
+  if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[2] != head.shape[0]:
+    raise ValueError(f"{who} hidden {hidden.shape} and head {head.shape} must be [B, T, D] and [D, V].")
+  if seq_chunk < 1 or vocab_chunk < 1:
+    raise ValueError(f"seq_chunk={seq_chunk} and vocab_chunk={vocab_chunk} must be positive.")
+
+
+def _check_teacher(s_hidden, s_head, t_hidden, t_head, seq_chunk: int, vocab_chunk: int) -> None:
+  _check(s_hidden, s_head, "Student", seq_chunk, vocab_chunk)
+  _check(t_hidden, t_head, "Teacher", seq_chunk, vocab_chunk)
+  if s_head.shape[1] != t_head.shape[1]:
+    raise ValueError(f"Student vocabulary ({s_head.shape[1]}) != teacher vocabulary ({t_head.shape[1]}): "
+                     "logit distillation needs one tokenizer.")
+  if s_hidden.shape[:2] != t_hidden.shape[:2]:
+    raise ValueError(f"Student tokens {s_hidden.shape[:2]} != teacher tokens {t_hidden.shape[:2]}.")
+
+
+def t2_scale(temperature: float, scale_by_t2: bool = True) -> float:
+  """The factor on the KL: T^2 (Hinton et al. 2015) unless `scale_by_t2` is False; 1 at T = 1."""
+  if temperature <= 0:
+    raise ValueError(f"temperature={temperature} must be positive.")
+  return float(temperature) ** 2 if scale_by_t2 else 1.0
 
 
 def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
                   seq_chunk: int = 512, vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
-  """Next-token NLL summed over masked tokens. hidden `[B, T, D]`, head `[D, V]`, targets `[B, T]`."""
-  mask = mask.astype(jnp.float32)
-  loss = _chunked("ce", hidden, head, None, None, targets, mask, 1.0, 1.0, seq_chunk, vocab_chunk)
-  return loss, jnp.sum(mask)
+  """Next-token NLL summed over tokens with mask != 0, and the mask's sum.
+
+  hidden `[B, T, D]`, head `[D, V]`, targets `[B, T]` int (the token to predict at each
+  position), mask `[B, T]` float or bool.
+  """
+  _check(hidden, head, "Model", seq_chunk, vocab_chunk)
+  nll = _token_losses(("ce",), 1.0, seq_chunk, vocab_chunk, hidden, head, None, None, targets)["ce"]
+  return _masked_sum(nll, mask)
 
 
 def kd_loss(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array,
             teacher_head: jax.Array, mask: jax.Array, *, temperature: float = 1.0, scale_by_t2: bool = True,
             seq_chunk: int = 512, vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
-  """Forward KL(teacher || student) over the full vocabulary, summed over masked tokens.
+  """Forward KL(teacher || student) over the full vocabulary, summed over tokens with mask != 0.
 
-  With z = logits / T, per token KL = E_{p_t}[z_t - z_s] - lse(z_t) + lse(z_s);
-  the expectation streams with the teacher's online logsumexp. With T != 1
-  the loss is multiplied by T^2 (Hinton et al.), which keeps the gradient
-  scale independent of T; `scale_by_t2=False` turns that off. The teacher
-  receives no gradient. Student and teacher may differ in width, not in vocabulary.
+  Per token, with z = logits / T: KL = sum_v p_t(v) (log p_t(v) - log p_s(v)). The
+  sum is multiplied by T^2 (Hinton et al. 2015; `scale_by_t2=True`, the default,
+  which changes nothing at T = 1). The gradient w.r.t. the student's logits
+  is then T (p_s - p_t), whose size is roughly independent of T (≈ (z_s - z_t
+  - mean) / V for large T). Without the factor it shrinks as 1/T^2, so changing
+  T would need a new learning rate or CE weight. `temperature` is a static Python float.
+  The teacher is under `stop_gradient`. Student `[B, T, D_s]`/`[D_s, V]` and teacher
+  `[B, T, D_t]`/`[D_t, V]` may differ in width, but not in vocabulary.
   """
-  if student_head.shape[1] != teacher_head.shape[1]:
-    raise ValueError(f"Student vocabulary ({student_head.shape[1]}) != teacher vocabulary "
-                     f"({teacher_head.shape[1]}): distillation needs one tokenizer.")
+  _check_teacher(student_hidden, student_head, teacher_hidden, teacher_head, seq_chunk, vocab_chunk)
+  scale = t2_scale(temperature, scale_by_t2)
   teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
-  mask = mask.astype(jnp.float32)
-  scale = float(temperature) ** 2 if scale_by_t2 and temperature != 1.0 else 1.0
-  loss = _chunked("kd", student_hidden, student_head, teacher_hidden, teacher_head, None, mask,
-                  1.0 / float(temperature), scale, seq_chunk, vocab_chunk)
-  return loss, jnp.sum(mask)
+  kl = _token_losses(("kd",), 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
+                     student_head, teacher_hidden, teacher_head, None)["kd"]
+  loss, count = _masked_sum(kl, mask)
+  return loss * scale, count
 
 
-def naive_cross_entropy(hidden, head, targets, mask) -> tuple[jax.Array, jax.Array]:
-  """Reference: full fp32 logits."""
-  logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
-                                       preferred_element_type=jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+def kd_with_ce(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array,
+               teacher_head: jax.Array, targets: jax.Array, mask: jax.Array, *, alpha: float = 1.0,
+               temperature: float = 1.0, scale_by_t2: bool = True, seq_chunk: int = 512,
+               vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`alpha * KL + (1 - alpha) * CE` (summed), the token count, and the parts `{"kl", "ce"}`.
+
+  KL is `kd_loss` (T^2-scaled alike), and CE is `cross_entropy` at temperature 1. Both
+  come from one sweep: the student's logits of each block are computed once. `alpha`
+  is static. At 1 (the distill trainer's default: KL only) the CE is not computed, and
+  at 0 the teacher is not used. A part that is not computed is absent from the dict.
+  A trainer with a CE weight w calls this with `alpha = 1 - w`.
+  """
+  _check_teacher(student_hidden, student_head, teacher_hidden, teacher_head, seq_chunk, vocab_chunk)
+  scale = t2_scale(temperature, scale_by_t2)
+  terms = tuple(t for t, w in (("ce", 1.0 - alpha), ("kd", alpha)) if w != 0)
+  teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
+  per_token = _token_losses(terms, 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
+                            student_head, teacher_hidden, teacher_head, targets)
+  parts = {name: _masked_sum(per_token[t], mask)[0] for name, t in (("kl", "kd"), ("ce", "ce")) if t in terms}
+  if "kl" in parts:
+    parts["kl"] = parts["kl"] * scale
+  total = alpha * parts.get("kl", 0.0) + (1.0 - alpha) * parts.get("ce", 0.0)
+  return total, jnp.sum(mask.astype(jnp.float32)), parts
 
 
-def naive_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask, *, temperature=1.0,
-                  scale_by_t2=True) -> tuple[jax.Array, jax.Array]:
-  """Reference: full fp32 logits of both models."""
-  def logp(h, w):
-    return jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w.astype(h.dtype),
-                                         preferred_element_type=jnp.float32) / temperature, axis=-1)
-  lt = jax.lax.stop_gradient(logp(teacher_hidden, teacher_head))
-  ls = logp(student_hidden, student_head)
-  kl = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
-  mask = mask.astype(jnp.float32)
-  scale = temperature**2 if scale_by_t2 and temperature != 1.0 else 1.0
-  return jnp.sum(kl * mask) * scale, jnp.sum(mask)
+# ---------------------------------------------------------------------------
+# Full-logit references (tests, and the memory benchmark's baseline).
+# ---------------------------------------------------------------------------
+def _full_log_softmax(hidden: jax.Array, head: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """`[B, T, V]` fp32 log-probabilities: the tensor the chunked losses avoid."""
+  logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  return jax.nn.log_softmax(logits / temperature, axis=-1)
+
+
+def naive_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy` through full fp32 logits."""
+  nll = -jnp.take_along_axis(_full_log_softmax(hidden, head), targets[..., None], axis=-1)[..., 0]
+  return _masked_sum(nll, mask)
+
+
+def naive_kd_loss(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array,
+                  teacher_head: jax.Array, mask: jax.Array, *, temperature: float = 1.0,
+                  scale_by_t2: bool = True) -> tuple[jax.Array, jax.Array]:
+  """`kd_loss` through full fp32 logits of both models."""
+  log_pt = jax.lax.stop_gradient(_full_log_softmax(teacher_hidden, teacher_head, temperature))
+  log_ps = _full_log_softmax(student_hidden, student_head, temperature)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)  # [B, T]
+  loss, count = _masked_sum(kl, mask)
+  return loss * t2_scale(temperature, scale_by_t2), count
