@@ -1,7 +1,6 @@
 """Greedy generation from our KV cache equals transformers' `generate`, token for token."""
 
 import jax
-import numpy as np
 import torch
 from transformers import Ministral3Config, Ministral3ForCausalLM
 

@@ -1,6 +1,5 @@
 """The decoder's own invariants: layouts, packing, caching, RoPE tables, config errors."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

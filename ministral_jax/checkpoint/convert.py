@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from ministral_jax.checkpoint import hf, native, safetensors_io
+from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
 
 FORMATS = ("hf", "native", "orbax")
@@ -99,6 +101,16 @@ def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None)
   if partitioner is not None and shardings is None:
     params = partitioner.shard_params(params, loaded_cfg)
   return params, loaded_cfg
+
+
+def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int
+                 ) -> tuple[Params, ModelConfig]:
+  """The starting params of a job: `init_from` (any format) if given, else a random init
+  made directly in its shards (never whole on one device)."""
+  if init_from:
+    return load_any(init_from, partitioner, cfg)
+  init = jax.jit(lambda rng: transformer.init_params(cfg, rng), out_shardings=partitioner.param_shardings(cfg))
+  return init(jax.random.key(seed)), cfg
 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,

@@ -20,10 +20,9 @@ import ml_collections
 from etils import epath
 
 from ministral_jax import sharding
-from ministral_jax.checkpoint import orbax_io
+from ministral_jax.checkpoint import convert, orbax_io
 from ministral_jax.data import tokenizers
 from ministral_jax.model import config as model_config
-from ministral_jax.model import transformer
 from ministral_jax.sample import sampler
 
 
@@ -33,14 +32,8 @@ def load_or_init(cfg: ml_collections.ConfigDict, workdir: epath.Path,
   if ckpt.exists():
     logging.info("Restoring %s", ckpt)
     return orbax_io.load_params(ckpt, partitioner)
-  if cfg.get("init_from"):
-    from ministral_jax.checkpoint import convert
-    params, model_cfg = convert.load_any(cfg.init_from, partitioner=partitioner)
-  else:
-    model_cfg = model_config.ModelConfig.from_dict(cfg.model)
-    shardings = partitioner.param_shardings(model_cfg)
-    init = jax.jit(lambda rng: transformer.init_params(model_cfg, rng), out_shardings=shardings)
-    params = init(jax.random.key(cfg.seed))
+  params, model_cfg = convert.load_or_init(cfg.init_from, model_config.ModelConfig.from_dict(cfg.model),
+                                           partitioner, cfg.seed)
   orbax_io.save_params(ckpt, params, model_cfg)
   return params, model_cfg
 

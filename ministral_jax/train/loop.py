@@ -114,14 +114,6 @@ def _global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _init_params(cfg, model_cfg, partitioner, shardings):
-  if cfg.get("init_from"):
-    params, _ = convert.load_any(cfg.init_from, partitioner, model_cfg)
-    return params
-  init = jax.jit(lambda rng: transformer.init_params(model_cfg, rng), out_shardings=shardings)
-  return init(jax.random.key(cfg.seed))
-
-
 def _install_sigterm() -> dict:
   flag = {"stop": False}
 
@@ -141,7 +133,7 @@ def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest,
   state_shardings = TrainState(replicated, param_shardings,
                                partitioner.like_params(abstract_state.opt_state, param_shardings))
   if latest is None:
-    params = _init_params(cfg, model_cfg, partitioner, param_shardings)
+    params, _ = convert.load_or_init(cfg.get("init_from", ""), model_cfg, partitioner, cfg.seed)
     state = TrainState(jnp.zeros((), jnp.int32), params,
                        jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
     return jax.device_put(state, state_shardings), state_shardings
