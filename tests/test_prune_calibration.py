@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ministral_jax.model import config, rope, transformer
+from ministral_jax.model import config, transformer
 from ministral_jax.prune import calibration
 
 CFG = config.preset("tiny")
@@ -40,9 +40,8 @@ def _pre_norm_hidden(model, tokens, positions, segment_ids):
   """The residual stream after the last block, before the final norm."""
   cfg = model.cfg
   h = jnp.take(model.tok_embeddings, tokens, axis=0)
-  tables = rope.rope_cos_sin(cfg, positions, jnp.float32)
-  q_scale = rope.query_temperature(cfg, positions, jnp.float32)
-  mask = transformer._segment_causal_mask(segment_ids)
+  tables, q_scale = transformer.position_tables(cfg, positions, jnp.float32)
+  mask = transformer.segment_causal_mask(segment_ids)
   return model.layers(h, None, tables, q_scale, mask, None)[0]
 
 

@@ -78,11 +78,9 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)  # [batch, seq, d_model]
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
-    rope_tables = rope.rope_cos_sin(cfg, positions, dt)
-    q_scale = (rope.query_temperature(cfg, positions, dt) if cfg.query_temperature_beta
-               else jnp.ones((1, 1, 1, 1), dt))
+    rope_tables, q_scale = position_tables(cfg, positions, dt)
     if cache is None:
-      mask = _segment_causal_mask(segment_ids if segment_ids is not None
+      mask = segment_causal_mask(segment_ids if segment_ids is not None
                                   else jnp.ones((batch, seq), jnp.int32))
       write_index = None
     else:
@@ -111,7 +109,15 @@ def output_matrix(params: Any, cfg: ModelConfig) -> jax.Array:
   return params["tok_embeddings"].T if cfg.tie_embeddings else params["output"]
 
 
-def _segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+def position_tables(cfg: ModelConfig, positions: jax.Array, dtype: Any
+                    ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """RoPE cos/sin `[batch, seq, head_dim]` and the query temperature `[batch, seq, 1, 1]`."""
+  q_scale = (rope.query_temperature(cfg, positions, dtype) if cfg.query_temperature_beta
+             else jnp.ones((1, 1, 1, 1), dtype))
+  return rope.rope_cos_sin(cfg, positions, dtype), q_scale
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
   """`[batch, 1, seq, seq]`: causal and within one segment (document)."""
   seq = segment_ids.shape[1]
   causal = jnp.tril(jnp.ones((seq, seq), bool))

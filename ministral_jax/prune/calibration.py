@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ministral_jax.model import layers as model_layers
-from ministral_jax.model import rope, transformer
+from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig
 
 
@@ -39,10 +39,8 @@ def batch_stats(params: Any, cfg: ModelConfig, batch: dict) -> dict[str, jax.Arr
   tokens, positions, segments = batch["inputs"], batch["positions"], batch["segment_ids"]
   weight = (segments != 0).astype(jnp.float32)  # [batch, seq]
   h = jnp.take(params["tok_embeddings"], tokens, axis=0).astype(dt)
-  rope_tables = rope.rope_cos_sin(cfg, positions, dt)
-  q_scale = (rope.query_temperature(cfg, positions, dt) if cfg.query_temperature_beta
-             else jnp.ones((1, 1, 1, 1), dt))
-  mask = transformer._segment_causal_mask(segments)
+  rope_tables, q_scale = transformer.position_tables(cfg, positions, dt)
+  mask = transformer.segment_causal_mask(segments)
   norm, attention, ffn = (model_layers.RMSNorm(cfg), model_layers.Attention(cfg), model_layers.FeedForward(cfg))
 
   def layer(carry, p):
