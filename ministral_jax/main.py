@@ -19,6 +19,8 @@ TASKS = {
     "pretrain": "ministral_jax.train.pretrain",
     "distill": "ministral_jax.train.distill",
     "eval": "ministral_jax.eval.task",
+    "prune": "ministral_jax.prune.task",
+    "prune_ablation": "ministral_jax.prune.ablation",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -35,8 +35,13 @@ METADATA_FILE = "metadata.json"
 
 
 def save_params(path: str | epath.Path, params: Any, cfg: ModelConfig, overwrite: bool = False,
-                extra_metadata: dict[str, Any] | None = None) -> epath.Path:
-  """Writes params + config atomically; refuses to replace an existing checkpoint by default."""
+                extra_metadata: dict[str, Any] | None = None,
+                write_extra: Callable[[epath.Path], None] | None = None) -> epath.Path:
+  """Writes params + config atomically; refuses to replace an existing checkpoint by default.
+
+  `write_extra(tmp_dir)` may add files (e.g. a pruning report) that then appear
+  together with the checkpoint, or not at all.
+  """
   path = epath.Path(path)
   _check_tree_matches_config(params, cfg, where="the params to save")
   if path.exists() and not overwrite:
@@ -51,6 +56,8 @@ def save_params(path: str | epath.Path, params: Any, cfg: ModelConfig, overwrite
     _write_json(tmp / CONFIG_FILE, cfg.to_dict())
     _write_json(tmp / METADATA_FILE, {"format": FORMAT, "layout": transformer.LAYOUT,
                                       "param_count": param_count(cfg), **(extra_metadata or {})})
+    if write_extra is not None:
+      write_extra(tmp)
     if path.exists():
       shutil.rmtree(str(path)) if path.is_dir() else path.unlink()
     tmp.rename(path)

@@ -97,6 +97,8 @@ class FeedForward(nn.Module):
     up = jnp.einsum("btd,df->btf", x, w3, precision=prec)
     hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
                                         ("activation_batch", "activation_length", "activation_mlp"))
+    # A no-op unless applied with mutable=["intermediates"] (pruning's FFN channel statistics).
+    self.sow("intermediates", "hidden", hidden)
     return jnp.einsum("btf,fd->btd", hidden, w2, precision=prec)
 
 
