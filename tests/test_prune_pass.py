@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ministral_jax import sharding
-from ministral_jax.checkpoint import orbax_io
+from ministral_jax.checkpoint import hf, orbax_io
 from ministral_jax.data import pipeline
 from ministral_jax.model import config, transformer
 from ministral_jax.prune import ablation, pruner, rewrite
@@ -270,3 +270,16 @@ def test_the_real_size_prune_config_targets_the_published_child(step, order):
   assert cfg.prune.order == order
   assert target.arch_dict() == config.preset(target_name).arch_dict()
   pruner.check(config.preset(parent_name), target, cfg.prune)
+
+
+def test_a_hugging_face_parent_directory_is_pruned_directly_to_the_same_child(setup, tmp_path):
+  root, _ = setup
+  params, cfg = orbax_io.load_params(root / "parent")
+  hf.save_hf(jax.tree.map(np.asarray, params), cfg, tmp_path / "hf_parent")
+  from_orbax, from_hf = _config(setup), _config(setup)
+  from_hf.prune.parent = str(tmp_path / "hf_parent")
+  prune_task.run(from_orbax, str(tmp_path / "a"), ONE_DEVICE)
+  prune_task.run(from_hf, str(tmp_path / "b"), ONE_DEVICE)
+  a, _ = orbax_io.load_params(tmp_path / "a" / "params")
+  b, _ = orbax_io.load_params(tmp_path / "b" / "params")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
