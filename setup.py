@@ -21,6 +21,7 @@ setup(
         "mistral-common>=1.8",
         "absl-py",
         "tensorboardX",
+        "matplotlib",  # the cascade report's plot
         "numpy",
     ],
     extras_require={

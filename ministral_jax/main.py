@@ -21,6 +21,7 @@ TASKS = {
     "eval": "ministral_jax.eval.task",
     "prune": "ministral_jax.prune.task",
     "prune_ablation": "ministral_jax.prune.ablation",
+    "cascade": "ministral_jax.cascade.task",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",

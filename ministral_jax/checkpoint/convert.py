@@ -103,10 +103,27 @@ def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None)
   return params, loaded_cfg
 
 
-def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "tie_embeddings")
+
+
+def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, allow_rope_change: bool = False
                  ) -> tuple[Params, ModelConfig]:
   """The starting params of a job: `init_from` (any format) if given, else a random init
-  made directly in its shards (never whole on one device)."""
+  made directly in its shards (never whole on one device).
+
+  `allow_rope_change`: the checkpoint only has to agree with `cfg` on the
+  shapes; RoPE, YaRN, the query temperature and the context length are
+  `cfg`'s (training a long-context stage from a short-context model).
+  """
+  if init_from and allow_rope_change:
+    saved = load_config_any(init_from)
+    diff = [f"{k}: {getattr(saved, k)!r} in {init_from}, {getattr(cfg, k)!r} in the config"
+            for k in SHAPE_FIELDS if getattr(saved, k) != getattr(cfg, k)]
+    if diff:
+      raise ValueError("init_from has other shapes than the model config:\n  " + "\n  ".join(diff))
+    exec_fields = {k: v for k, v in cfg.to_dict().items() if k not in ARCH_FIELDS}
+    params, _ = load_any(init_from, partitioner, saved.replace(**exec_fields))
+    return params, cfg
   if init_from:
     return load_any(init_from, partitioner, cfg)
   init = jax.jit(lambda rng: transformer.init_params(cfg, rng), out_shardings=partitioner.param_shardings(cfg))

@@ -48,6 +48,11 @@ def data_config() -> ml_collections.ConfigDict:
     ids on the train split, cached in <workdir>/tokenizer/; anything else is a
     bundled name or a file path for `tokenizers.load_tokenizer`.
   max_documents: keep only the first N training documents (0 = all).
+  start_document: the training stream starts this many documents in (a run that
+    continues another's stream, e.g. the next stage of a cascade, never sees its
+    documents again).
+  epochs: passes over the training documents before the stream ends with a clear
+    error (0 = repeat forever, each epoch reshuffled).
   """
   return ml_collections.ConfigDict({
       "source": "builtin",
@@ -65,6 +70,8 @@ def data_config() -> ml_collections.ConfigDict:
       "seq_len": 128,
       "shuffle_seed": 0,
       "max_documents": 0,
+      "start_document": 0,
+      "epochs": 0,
   })
 
 
@@ -151,7 +158,8 @@ def train_iterator(
   if len(shard) == 0:
     raise ValueError(f"process {process_index} of {process_count} gets no training documents; the corpus is too small")
   shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
-  batches = _batches(shard.shuffle(seed=shuffle_seed).repeat(), tokenizer, data_cfg.seq_len, batch_size)
+  stream = shard.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None)[data_cfg.start_document:]
+  batches = _batches(stream, tokenizer, data_cfg.seq_len, batch_size)
   identity = {
       "source": data_cfg.source,
       "documents": len(shard),
@@ -160,15 +168,25 @@ def train_iterator(
       "process_index": process_index,
       "process_count": process_count,
       "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
+      "start_document": data_cfg.start_document,
+      "epochs": data_cfg.epochs,
   }
   return DataIterator(iter(batches), identity=identity)
 
 
 def _documents_read(state: Any) -> int:
-  """The source index inside grain's nested state: documents handed to the packer so far."""
+  """Documents handed to the packer so far, from grain's nested state.
+
+  The packer's state is its parent's position before the documents in its
+  buffer, plus how many those are (`elements_from_buffer_after_checkpoint`):
+  a document it has started is counted as read, so a stream continued from
+  here (`start_document`) never repeats any part of it.
+  """
   if isinstance(state, dict):
     if "next_index" in state:
       return int(state["next_index"])
+    if "parent_state" in state:
+      return _documents_read(state["parent_state"]) + int(state.get("elements_from_buffer_after_checkpoint", 0))
     return max((_documents_read(v) for v in state.values()), default=0)
   return 0
 
@@ -203,8 +221,8 @@ class DataIterator(grain.DatasetIterator):
     documents_read = _documents_read(inner)
     return {
         "version": STATE_VERSION,
-        "epoch": documents_read // self._identity["documents"],
-        "documents_read": documents_read,
+        "epoch": (self._identity["start_document"] + documents_read) // self._identity["documents"],
+        "documents_read": documents_read,  # since start_document
         "pipeline": dict(self._identity),
         "grain": inner,
     }

@@ -9,6 +9,7 @@ to `<workdir>/eval.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -34,6 +35,26 @@ def mean_loss(loss_fn, params, batches, partitioner) -> dict[str, float]:
   if count == 0:
     raise ValueError("The evaluation data produced no tokens.")
   return {"loss": total / count, "perplexity": float(np.exp(total / count)), "tokens": int(count)}
+
+
+@functools.lru_cache(maxsize=16)
+def _loss_fn(model_cfg, seq_chunk: int, vocab_chunk: int):
+  loss = pretrain.make_loss(model_cfg, ml_collections.ConfigDict(dict(seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)))
+  return jax.jit(lambda p, b: loss(p, b, None, jax.random.key(0))[:2])
+
+
+def evaluate(params, model_cfg, cfg: ml_collections.ConfigDict, tokenizer, partitioner,
+             max_batches: int | None = None) -> dict[str, float]:
+  """Mean next-token loss of params already on the mesh: the eval split of `cfg.data`, then every
+  `cfg.eval.files` entry, by name (`max_batches` overrides `cfg.eval.max_batches`)."""
+  loss_fn = _loss_fn(model_cfg, cfg.loss.seq_chunk, cfg.loss.vocab_chunk)
+  e = cfg.eval
+  n = e.max_batches if max_batches is None else max_batches
+  sources = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, e.batch_size, max_batches=n)}
+  for f in (f for f in e.files.split(",") if f):
+    sources[f] = pipeline.eval_batches_from_file(f, cfg.data, tokenizer, e.batch_size, max_batches=n)
+  with partitioner.activate():
+    return {name: mean_loss(loss_fn, params, b, partitioner)["loss"] for name, b in sources.items()}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

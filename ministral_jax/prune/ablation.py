@@ -15,21 +15,17 @@ untied parent, every `tie_init`. Each child is evaluated on the eval split of
 
 from __future__ import annotations
 
-import functools
 import json
-from typing import Any
 
-import jax
 import ml_collections
 from etils import epath
 
+from ministral_jax import files
 from ministral_jax.checkpoint import convert
-from ministral_jax.data import pipeline
 from ministral_jax.eval import task as eval_task
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, pruner, rewrite, scorers
 from ministral_jax.prune import task as prune_task
-from ministral_jax.train import pretrain
 
 _SCORER_FIELDS = {"layers": "layer_scorer", "hidden": "hidden_scorer", "ffn": "ffn_scorer"}
 
@@ -47,24 +43,6 @@ def variants(pcfg: ml_collections.ConfigDict, parent: ModelConfig, target: Model
   return out
 
 
-@functools.lru_cache(maxsize=8)
-def _loss_fn(model_cfg: ModelConfig, seq_chunk: int, vocab_chunk: int):
-  loss = pretrain.make_loss(model_cfg, ml_collections.ConfigDict(dict(seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)))
-  return jax.jit(lambda p, b: loss(p, b, None, jax.random.key(0))[:2])
-
-
-def evaluate(params: Any, model_cfg: ModelConfig, cfg: ml_collections.ConfigDict, tokenizer, partitioner
-             ) -> dict[str, float]:
-  """Mean next-token loss on the eval split and on every `eval.files` entry."""
-  loss_fn = _loss_fn(model_cfg, cfg.loss.seq_chunk, cfg.loss.vocab_chunk)
-  e = cfg.eval
-  sources = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, e.batch_size, max_batches=e.max_batches)}
-  for f in (f for f in e.files.split(",") if f):
-    sources[f] = pipeline.eval_batches_from_file(f, cfg.data, tokenizer, e.batch_size, max_batches=e.max_batches)
-  with partitioner.activate():
-    return {name: eval_task.mean_loss(loss_fn, params, b, partitioner)["loss"] for name, b in sources.items()}
-
-
 def table(rows: list[dict], parent_row: dict) -> str:
   names = list(parent_row["loss"])
   head = "| variant | layers removed | hidden energy kept | " + " | ".join(f"loss: {n}" for n in names) + \
@@ -77,12 +55,6 @@ def table(rows: list[dict], parent_row: dict) -> str:
                  + " | ".join(f"{r['loss'][n]:.4f}" for n in names)
                  + f" | {r['loss'][names[0]] - parent_row['loss'][names[0]]:+.4f} |")
   return "\n".join(lines)
-
-
-def _save(path: epath.Path, obj: Any) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(path)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner=None) -> dict:
@@ -98,8 +70,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner=None) -> dict:
   state.setdefault("rows", {})
   params, parent_cfg = convert.load_any(cfg.prune.parent, job.partitioner)
   if "parent" not in state:
-    state["parent"] = {"loss": evaluate(params, parent_cfg, cfg, tokenizer, job.partitioner)}
-    _save(state_file, state)
+    state["parent"] = {"loss": eval_task.evaluate(params, parent_cfg, cfg, tokenizer, job.partitioner)}
+    files.write_json(state_file, state)
   wanted = sorted({n for key in scorers.NEEDS for n in scorers.NEEDS[key]})
   stats = None
   for label, overrides in variants(cfg.prune, parent_cfg, job.target):
@@ -114,14 +86,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner=None) -> dict:
     row = {"variant": label, "overrides": overrides,
            "removed": result.report.get("layers", {}).get("removed", ""),
            "energy_kept": result.report.get("hidden", {}).get("energy_kept"),
-           "loss": evaluate(result.params, result.cfg, cfg, tokenizer, job.partitioner)}
+           "loss": eval_task.evaluate(result.params, result.cfg, cfg, tokenizer, job.partitioner)}
     state["rows"][label] = row
-    _save(state_file, state)
+    files.write_json(state_file, state)
     print(f"{label}: eval loss {row['loss']['eval_split']:.4f}")
   md = table(list(state["rows"].values()), state["parent"])
   text = (f"Parent {cfg.prune.parent} ({parent_cfg.n_layers} layers, d_model {parent_cfg.d_model}, d_ffn "
           f"{parent_cfg.d_ffn}) -> target ({job.target.n_layers}, {job.target.d_model}, {job.target.d_ffn}); "
           f"eval loss before any distillation.\n\n{md}\n")
-  (out / "ablation.md").write_text(text)
+  files.write_text(out / "ablation.md", text)
   print(text)
   return state

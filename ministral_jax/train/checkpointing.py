@@ -56,3 +56,13 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def latest_data_state(workdir: str) -> dict:
+  """The data-iterator state saved with a run's latest checkpoint (where its stream stopped)."""
+  path = epath.Path(workdir) / "checkpoints"
+  with ocp.CheckpointManager(path, item_names=("state", "data", "meta")) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir} holds no training checkpoint.")
+    return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]

@@ -21,8 +21,17 @@ from ministral_jax.train import loop, losses, pretrain
 from ministral_jax.train.pretrain import hidden_and_head, token_mask
 
 
+# What "teacher_context=student" hands the teacher: the student's context extension, not its RoPE base.
+CONTEXT_FIELDS = ("rope_scaling", "yarn_factor", "yarn_original_max_len", "yarn_beta_fast", "yarn_beta_slow",
+                  "yarn_mscale", "yarn_mscale_all_dim", "query_temperature_beta", "query_temperature_len",
+                  "max_seq_len")
+
+
 def distill_config(teacher: str = "") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(teacher=teacher, teacher_dtype="", temperature=1.0, ce_weight=0.0))
+  """teacher_context: "own" (the teacher's config as saved) or "student" (the student's YaRN and
+  query temperature, e.g. a long-context stage whose teacher was trained at the short context)."""
+  return ml_collections.ConfigDict(dict(teacher=teacher, teacher_dtype="", teacher_context="own",
+                                        temperature=1.0, ce_weight=0.0))
 
 
 def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, partitioner):
@@ -36,8 +45,11 @@ def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, parti
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
     raise ValueError(f"The teacher's vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
                      f"({student_cfg.vocab_size}); logit distillation needs the same tokenizer.")
-  params, teacher_cfg = convert.load_any(path, partitioner, teacher_cfg)
-  return params, teacher_cfg
+  if cfg.distill.teacher_context not in ("own", "student"):
+    raise ValueError(f"distill.teacher_context={cfg.distill.teacher_context!r} must be 'own' or 'student'.")
+  if cfg.distill.teacher_context == "student":
+    teacher_cfg = teacher_cfg.replace(**{k: getattr(student_cfg, k) for k in CONTEXT_FIELDS})
+  return convert.load_or_init(path, teacher_cfg, partitioner, seed=0, allow_rope_change=True)
 
 
 def make_loss(model_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: ml_collections.ConfigDict,

@@ -59,7 +59,8 @@ class TrainState:
 def train_config(steps: int = 100, global_batch: int = 8) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       steps=steps, global_batch=global_batch, grad_accum=1, log_every=10, eval_every=50, eval_batches=4,
-      checkpoint_every=50, keep_checkpoints=2, async_checkpoints=True, peak_flops_per_device=0.0))
+      checkpoint_every=50, keep_checkpoints=2, async_checkpoints=True, peak_flops_per_device=0.0,
+      log_prefix=""))  # e.g. "[stage 2/7 child60 short]" on every console line
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,7 +134,8 @@ def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest,
   state_shardings = TrainState(replicated, param_shardings,
                                partitioner.like_params(abstract_state.opt_state, param_shardings))
   if latest is None:
-    params, _ = convert.load_or_init(cfg.get("init_from", ""), model_cfg, partitioner, cfg.seed)
+    params, _ = convert.load_or_init(cfg.get("init_from", ""), model_cfg, partitioner, cfg.seed,
+                                     allow_rope_change=True)  # e.g. a long-context stage from a short one
     state = TrainState(jnp.zeros((), jnp.int32), params,
                        jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
     return jax.device_put(state, state_shardings), state_shardings
@@ -171,7 +173,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
   eval_fn = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
   start_step = int(state.step)
-  writer = metrics.MetricsWriter(workdir, start_step)
+  writer = metrics.MetricsWriter(workdir, start_step, prefix=cfg.train.log_prefix)
   meta = {"model": model_cfg.to_dict(), "task": task.name}
   try:
     with partitioner.activate():
@@ -211,18 +213,23 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
       values["lr"] = float(schedule(s - 1))
       report = s == step and (s % t.log_every == 0 or s == t.steps)
       if report:
-        values.update(speed.report(s, tokens_per_step))
+        values.update(speed.report(s, tokens_per_step), tokens_seen=s * tokens_per_step)
       writer.write(s, values, console=report)
     pending.clear()
     return values
 
   for step in range(int(state.step) + 1, t.steps + 1):
-    state, out = step_fn(state, partitioner.shard_batch(next(data)), task.frozen)
+    batch = next(data, None)
+    if batch is None:
+      raise ValueError(f"The training data ran out at step {step} of {t.steps}: data.epochs={cfg.data.epochs} "
+                       f"pass(es) from document {cfg.data.start_document} on. Lower train.steps or raise "
+                       "data.epochs (0 repeats forever).")
+    state, out = step_fn(state, partitioner.shard_batch(batch), task.frozen)
     pending.append((step, out))
     save = step % t.checkpoint_every == 0 or step == t.steps or stop["stop"]
     if save or step % t.log_every == 0:
       last = flush(step) or last
-    if t.eval_every and step % t.eval_every == 0:
+    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
       writer.write(step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner), console=True)
     if save:
       checkpointing.save(mngr, step, state, data.get_state(), meta, force=stop["stop"])

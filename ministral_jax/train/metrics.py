@@ -16,8 +16,9 @@ from etils import epath
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, resume_step: int):
+  def __init__(self, workdir: str, resume_step: int, prefix: str = ""):
     self.enabled = jax.process_index() == 0
+    self.prefix = prefix + " " if prefix else ""
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
     if not self.enabled:
@@ -42,7 +43,7 @@ class MetricsWriter:
       if isinstance(value, (int, float)):
         self.tb.add_scalar(key, value, step)
     if console:
-      print(f"step {step}: " + ", ".join(_fmt(k, v) for k, v in values.items()), flush=True)
+      print(f"{self.prefix}step {step}: " + ", ".join(_fmt(k, v) for k, v in values.items()), flush=True)
 
   def close(self) -> None:
     if self.tb is not None:

@@ -1,0 +1,176 @@
+"""The cascade as a user runs it: the quick default end to end, exact resume after a kill, bad input,
+and the paper's real-size recipe built stage by stage without weights."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ministral_jax import sharding
+from ministral_jax.cascade import task as cascade
+from ministral_jax.checkpoint import orbax_io
+from ministral_jax.model import config, transformer
+from ministral_jax.prune import rewrite
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name, arg=""):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _start(workdir, *extra):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen([sys.executable, "-m", "ministral_jax.main", "--config=configs/cascade_tiny.py:quick",
+                           f"--workdir={workdir}", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-4000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("cascade")
+  out = _finish(_start(workdir))
+  return workdir, out
+
+
+def test_quick_cascade_writes_the_report_table_and_plot(quick):
+  workdir, out = quick
+  report = json.loads((workdir / "report.json").read_text())
+  rows = report["rows"]
+  assert list(rows) == ["parent", "child_a (pruned, before distillation)", "child_a/short", "child_a/long",
+                        "child_b (pruned, before distillation)", "child_b/short", "baseline_child_a",
+                        "baseline_child_b"]
+  assert (rows["child_a/long"]["n_layers"], rows["child_a/long"]["d_model"], rows["child_a/long"]["d_ffn"]) == (2, 48, 96)
+  # The baseline trains on as many tokens as its child saw in distillation (short + long stage).
+  assert rows["child_a/long"]["tokens"] == 10 * 8 * 64 + 2 * 8 * 128 == rows["baseline_child_a"]["tokens"]
+  assert all(np.isfinite(r["loss"]["eval_split"]) and np.isfinite(r["loss"]["eval_split@128"]) for r in rows.values())
+  md = (workdir / "report.md").read_text()
+  assert "| child_b/short | 1 | 48 | 64 |" in md and "from-scratch baseline" in md
+  assert (workdir / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "[cascade 3/8 child_a/short] step 10:" in out and "tokens_seen=5120" in out and "eta_min" in out
+
+
+def test_one_data_stream_no_document_is_trained_on_twice(quick):
+  workdir, _ = quick
+  starts = [_data_state(workdir / job) for job in ("parent", "child_a/short", "child_a/long", "child_b/short")]
+  windows = [(s["pipeline"]["start_document"], s["pipeline"]["start_document"] + s["documents_read"]) for s in starts]
+  for (_, end), (start, _) in zip(windows, windows[1:]):
+    assert start == end  # each job starts where the one before it stopped
+  assert all(a < b for a, b in windows)
+  baseline = _data_state(workdir / "baseline_child_a")["pipeline"]["start_document"]
+  assert baseline == windows[1][0]  # the baseline reads the window its child read
+
+
+def _data_state(job_dir):
+  from ministral_jax.train import checkpointing
+  return checkpointing.latest_data_state(str(job_dir))
+
+
+def test_killed_cascade_resumes_and_ends_with_the_same_result(quick, tmp_path):
+  workdir, _ = quick
+  proc = _start(tmp_path)
+  deadline = time.time() + 600
+  metrics = tmp_path / "parent" / "metrics.jsonl"
+  while time.time() < deadline:  # kill it mid-parent, after its step-10 checkpoint
+    if metrics.exists() and any(json.loads(l)["step"] >= 12 for l in metrics.read_text().splitlines() if l):
+      break
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  out = _finish(_start(tmp_path))
+  assert "[cascade 1/8 parent]" in out  # resumed the unfinished job, not started over elsewhere
+  assert json.loads((tmp_path / "report.json").read_text()) == json.loads((workdir / "report.json").read_text())
+  a, _ = orbax_io.load_params(tmp_path / "child_b" / "short" / "params")
+  b, _ = orbax_io.load_params(workdir / "child_b" / "short" / "params")
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_running_again_finds_every_job_done(quick):
+  workdir, _ = quick
+  stamp = (workdir / "child_a" / "short" / "params" / "model_config.json").stat().st_mtime_ns
+  out = _finish(_start(workdir))
+  assert "step " not in out  # nothing trained
+  assert (workdir / "child_a" / "short" / "params" / "model_config.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.stages[1].model.update(d_model=64), "must decrease in every dimension"),
+    (lambda c: c.stages[1].model.update(n_heads=2), "heads are never pruned"),
+    (lambda c: c.distill.update(teacher="/nonexistent/teacher"), "does not exist"),
+    (lambda c: c.parent.update(checkpoint="/nonexistent/parent"), "does not exist"),
+    (lambda c: c.update(stages=[]), "stages is empty"),
+])
+def test_bad_cascade_config_is_one_clear_error_before_any_work(tmp_path, change, message):
+  cfg = _config("cascade_tiny", "quick")
+  change(cfg)
+  with pytest.raises(ValueError, match=message):
+    cascade.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_holding_a_different_experiment_is_refused(quick, tmp_path):
+  workdir, _ = quick
+  cfg = _config("cascade_tiny", "quick")
+  cfg.stages[0].short_steps = 11
+  with pytest.raises(ValueError, match="holds a different cascade.*stages"):
+    cascade.run(cfg, str(workdir))
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("a training run")
+  with pytest.raises(ValueError, match="not a cascade's"):
+    cascade.run(_config("cascade_tiny", "quick"), str(tmp_path / "other"))
+
+
+def test_the_papers_cascade_builds_stage_by_stage_without_weights():
+  """24B -> 14B -> 8B -> 3B: every prune gives the next shape, every model shards on 8 devices."""
+  cfg = _config("cascade_ministral3")
+  part = sharding.Partitioner.from_config(dict(data=1, fsdp=4, tensor=2))
+  parent = cascade.parent_config(_no_checkpoint(cfg))
+  plan = cascade.stages(cfg, parent)
+  assert [s.name for s in plan] == ["ministral3_14b", "ministral3_8b", "ministral3_3b"]
+  prev = parent
+  for s in plan:
+    published = config.preset(s.name)
+    for field in ("n_layers", "d_model", "d_ffn", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "tie_embeddings"):
+      assert getattr(s.short, field) == getattr(published, field), field
+    assert s.short.rope_scaling == "none" and not s.short.query_temperature_beta  # the parent's short context
+    assert s.long.rope_scaling == "yarn" and s.long.yarn_factor == 16 and s.long.yarn_original_max_len == 16384
+    assert s.long.query_temperature_beta == 0.1 and s.long.max_seq_len == 262144
+    order = cascade.prune_order(cfg.prune, prev, s.short)
+    plan_shapes = rewrite.Plan(
+        layers=jax.ShapeDtypeStruct((s.short.n_layers,), np.int32) if "layers" in order.order else None,
+        rotation=jax.ShapeDtypeStruct((prev.d_model, s.short.d_model), np.float32) if "hidden" in order.order else None,
+        ffn=jax.ShapeDtypeStruct((s.short.n_layers, s.short.d_ffn), np.int32))
+    out = jax.eval_shape(lambda p, pl: rewrite.apply_plan(p, pl, tie=s.short.tie_embeddings),
+                         transformer.abstract_params(prev), plan_shapes)
+    assert jax.tree.map(lambda x: x.shape, out) == jax.tree.map(lambda x: x.shape, transformer.abstract_params(s.short))
+    for model in (s.short, s.long):
+      shardings = part.param_shardings(model)  # every dimension divides the mesh
+      wq = shardings["layers"]["attention"]["wq"].shard_shape((model.n_layers, model.d_model, 32, 128))
+      assert wq == (model.n_layers, model.d_model // 4, 16, 128)
+    prev = s.short
+  sizes = [config.param_count(s.short) for s in plan]
+  assert sizes == sorted(sizes, reverse=True) and plan[-1].short.tie_embeddings
+
+
+def _no_checkpoint(cfg):
+  c = cfg.copy_and_resolve_references()
+  c.parent.checkpoint = ""
+  return c
+
