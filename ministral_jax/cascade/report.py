@@ -73,13 +73,13 @@ def write(cfg: ml_collections.ConfigDict, root: epath.Path, plan: list, runs: di
   for label, run in rows:
     if run is None:
       stage = stage_of[label.split(" ")[0]]
-      model, path, tokens = stage.short, pruned[stage.name], 0
+      model, path, tokens, start = stage.short, pruned[stage.name], 0, None
     else:
-      model, path, tokens = run.model, run.path, run.tokens
+      model, path, tokens, start = run.model, run.path, run.tokens, run.start_document
     losses = evaluate(label, path, model)
     results[label] = {"n_layers": model.n_layers, "d_model": model.d_model, "d_ffn": model.d_ffn,
                       "params": param_count(model), "non_embedding_params": _non_embedding(model),
-                      "tokens": tokens, "loss": losses}
+                      "tokens": tokens, "start_document": start, "loss": losses}
   md = _markdown(results, parent)
   summary = _summary(plan, runs, results)
   text = (f"# Cascade report\n\nParent: {runs['parent'].path}. Eval loss is the mean next-token loss on the "
