@@ -27,6 +27,9 @@ setup(
     extras_require={
         # The numerical reference (transformers' Ministral3ForCausalLM on torch, CPU).
         # torch 2.13.0 is pinned to the CPU wheel these machines carry; any recent CPU torch works.
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0", "nbclient", "nbformat",
+                 "ipykernel"],
+        # Workdirs on gs:// (epath/orbax metadata through gcsfs, TensorBoard through google-cloud-storage).
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -11,9 +11,13 @@ in distillation (the baselines). Writes report.md, report.json and
 eval_loss.png to the workdir; about 15 minutes on 2 CPU cores. Kill it and run
 the same command: it resumes where it stopped.
 
-`configs/cascade_tiny.py:quick` is the same pipeline at toy sizes (about 2
-minutes), for tests and Colab. Any field is a flag, e.g.
+`configs/cascade_tiny.py:quick` is the same pipeline at toy sizes (about 40
+seconds), for tests and Colab. Any field is a flag, e.g.
 `--config.stages[0].short_steps=600 --config.distill.teacher=previous`.
+
+Sweep (get_hyper): which teacher, the root parent (the paper) or the stage
+before: `python -m launch.local --config=configs/cascade_tiny.py
+--workdir=/tmp/ministral_jax/teacher_sweep` runs both cascades and writes sweep.md.
 """
 
 import ml_collections
@@ -25,6 +29,10 @@ from ministral_jax.eval import task as eval_task
 from ministral_jax.model import config as model_config
 from ministral_jax.prune import pruner
 from ministral_jax.train import distill, loop, optimizer, pretrain
+
+
+def get_hyper(h):
+  return h.sweep("distill.teacher", ["parent", "previous"])
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -6,6 +6,10 @@ Kill it and run the same command again: it resumes from the workdir. The
 argument picks the model preset (`configs/pretrain_tiny.py:cpu_small` for a
 wider one). The tokenizer is a SentencePiece model trained on the corpus and
 cached in the workdir (a 131K vocabulary would dominate a model this small).
+
+Sweep (get_hyper): `python -m launch.local --config=configs/pretrain_tiny.py
+--workdir=/tmp/ministral_jax/lr_sweep` trains one model per learning rate,
+each in its own workdir, and writes sweep.md.
 """
 
 import ml_collections
@@ -15,6 +19,10 @@ from ministral_jax.data import pipeline
 from ministral_jax.eval import task as eval_task
 from ministral_jax.model import config as model_config
 from ministral_jax.train import loop, optimizer, pretrain
+
+
+def get_hyper(h):
+  return h.sweep("optimizer.lr", [1e-3, 3e-3, 1e-2])
 
 
 def get_config(arg: str = "cpu_tiny") -> ml_collections.ConfigDict:

@@ -75,6 +75,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   Single-process runs skip it.
   """
   on_pod = bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+                or os.environ.get("MINISTRAL_JAX_MULTIHOST") == "1"  # set by launch/tpu.py on every worker
                 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
   if not on_pod:
     return

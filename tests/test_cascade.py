@@ -1,7 +1,6 @@
 """The cascade as a user runs it: the quick default end to end, exact resume after a kill, bad input,
 and the paper's real-size recipe built stage by stage without weights."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ministral_jax import sharding
+from ministral_jax import configs, sharding
 from ministral_jax.cascade import task as cascade
 from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
@@ -23,10 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg=""):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def _start(workdir, *extra):

@@ -1,6 +1,5 @@
 """The pruning pass end to end: exactness at the identity target, real shapes on paper, any mesh, bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ministral_jax import sharding
+from ministral_jax import configs, sharding
 from ministral_jax.checkpoint import hf, orbax_io
 from ministral_jax.data import pipeline
 from ministral_jax.model import config, transformer
@@ -260,10 +259,7 @@ def test_the_prune_config_runs_from_the_command_line(setup, tmp_path):
 @pytest.mark.parametrize("step,order", [("24b_to_14b", "ffn"), ("14b_to_8b", "layers,hidden,ffn"),
                                         ("8b_to_3b", "layers,hidden,ffn")])
 def test_the_real_size_prune_config_targets_the_published_child(step, order):
-  spec = importlib.util.spec_from_file_location("prune_ministral3", os.path.join(REPO, "configs",
-                                                                                 "prune_ministral3.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configs.load_module(os.path.join(REPO, "configs", "prune_ministral3.py"))
   cfg = module.get_config(step)
   parent_name, target_name = module.STEPS[step]
   target = config.ModelConfig.from_dict(cfg.model)

@@ -1,6 +1,5 @@
 """The shared training loop as a user meets it: exact resume after SIGKILL/SIGTERM, errors, distillation."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ministral_jax import sharding
+from ministral_jax import configs, sharding
 from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
 from ministral_jax.train import distill
@@ -126,10 +125,7 @@ def test_distillation_loss_on_8_devices_equals_one_device(tmp_path):
            "positions": np.tile(np.arange(32), (8, 1)), "segment_ids": np.ones((8, 32), np.int32)}
   batch = {k: v.astype(np.int32) for k, v in batch.items()}
   batch["segment_ids"][:, 28:] = 0  # padding contributes nothing
-  spec = importlib.util.spec_from_file_location("distill_tiny", os.path.join(REPO, "configs", "distill_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = configs.load(os.path.join(REPO, "configs", "distill_tiny.py"))
   cfg.distill.teacher = str(tmp_path / "teacher")
   cfg.loss.seq_chunk, cfg.loss.vocab_chunk = 8, 96
   values = []

@@ -17,8 +17,6 @@ the trainer's CheckpointManager; they store params in this same layout.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from typing import Any, Callable
 
 import jax
@@ -47,25 +45,40 @@ def save_params(path: str | epath.Path, params: Any, cfg: ModelConfig, overwrite
   if path.exists() and not overwrite:
     raise FileExistsError(f"Checkpoint directory {path} already exists. Pass overwrite=True or choose "
                           "another path.")
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True)
+  # The same hidden name on every host of a pod (orbax writes the arrays from all of them); a leftover of a
+  # crashed save never looks like a checkpoint and is cleared here.
+  tmp = path.parent / f".{path.name}.tmp"
+  primary = jax.process_index() == 0
+  if primary:
+    if tmp.exists():
+      tmp.rmtree()
+    tmp.mkdir(parents=True)
+  _sync_hosts("save_params:start")
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / "params", params)
       ckptr.wait_until_finished()
-    _write_json(tmp / CONFIG_FILE, cfg.to_dict())
-    _write_json(tmp / METADATA_FILE, {"format": FORMAT, "layout": transformer.LAYOUT,
-                                      "param_count": param_count(cfg), **(extra_metadata or {})})
-    if write_extra is not None:
-      write_extra(tmp)
-    if path.exists():
-      shutil.rmtree(str(path)) if path.is_dir() else path.unlink()
-    tmp.rename(path)
+    if primary:
+      _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+      _write_json(tmp / METADATA_FILE, {"format": FORMAT, "layout": transformer.LAYOUT,
+                                        "param_count": param_count(cfg), **(extra_metadata or {})})
+      if write_extra is not None:
+        write_extra(tmp)
+      if path.exists():
+        path.rmtree() if path.is_dir() else path.unlink()
+      tmp.rename(path)
+    _sync_hosts("save_params:done")
   except BaseException:
-    if tmp.exists():
-      shutil.rmtree(str(tmp), ignore_errors=True)
+    if primary and tmp.exists():
+      tmp.rmtree()
     raise
   return path
+
+
+def _sync_hosts(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:

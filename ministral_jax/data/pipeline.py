@@ -110,8 +110,16 @@ def build_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> Tokeni
     return load_tokenizer(data_cfg.tokenizer)
   docs = documents(data_cfg, "train").shuffle(seed=_SPM_SAMPLE_SEED)
   sample = (docs[i] for i in range(len(docs)))  # read lazily: training stops at a character cap
-  path = spm_train.train_or_load(sample, data_cfg.spm_vocab_size, pathlib.Path(workdir) / "tokenizer")
+  path = spm_train.train_or_load(sample, data_cfg.spm_vocab_size, tokenizer_cache(workdir))
   return load_tokenizer(path)
+
+
+def tokenizer_cache(workdir: str) -> pathlib.Path:
+  """`<workdir>/tokenizer`, or a local cache for a gs:// workdir: SentencePiece reads local files, and
+  the model's name is a hash of its corpus and options, so hosts and runs can share it."""
+  if "://" in str(workdir):
+    return pathlib.Path(os.path.expanduser("~/.cache/ministral_jax/tokenizer"))
+  return pathlib.Path(workdir) / "tokenizer"
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -20,11 +20,15 @@ from etils import epath
 from ministral_jax.model.config import ModelConfig
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """`<workdir>/checkpoints`; a gs:// workdir stays a gs:// URL (epath, never pathlib)."""
+  return epath.Path(workdir) / "checkpoints"
+
+
 def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
-                               item_names=("state", "data", "meta"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, meta: dict,
@@ -60,8 +64,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 def latest_data_state(workdir: str) -> dict:
   """The data-iterator state saved with a run's latest checkpoint (where its stream stopped)."""
-  path = epath.Path(workdir) / "checkpoints"
-  with ocp.CheckpointManager(path, item_names=("state", "data", "meta")) as mngr:
+  with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data", "meta")) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise ValueError(f"{workdir} holds no training checkpoint.")

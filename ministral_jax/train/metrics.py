@@ -15,6 +15,12 @@ import jax
 from etils import epath
 
 
+def tensorboard_dir(workdir: str) -> str:
+  """`<workdir>/tb`, as the string TensorBoard gets: a gs:// workdir stays gs:// (tensorboardX writes
+  there through google-cloud-storage, the `gcs` extra)."""
+  return str(epath.Path(workdir) / "tb")
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, resume_step: int, prefix: str = ""):
     self.enabled = jax.process_index() == 0
@@ -25,7 +31,7 @@ class MetricsWriter:
       return
     self._truncate(resume_step)
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
+    self.tb = SummaryWriter(tensorboard_dir(workdir))
 
   def _truncate(self, resume_step: int) -> None:
     if not self.path.exists():
