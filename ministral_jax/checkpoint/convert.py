@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from ministral_jax.checkpoint import hf, native, safetensors_io
 from ministral_jax.model import transformer
@@ -62,10 +63,17 @@ SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int], Any]] = {
 
 
 def detect_format(path: str) -> str:
-  """orbax (model_config.json), hf (config.json) or native (params.json)."""
+  """orbax (model_config.json), hf (config.json) or native (params.json).
+
+  Orbax checkpoints may live on gs:// (epath); HF and native directories are read with safetensors'
+  memory maps, so they must be local (copy them down, or convert once to orbax).
+  """
   markers = {"orbax": "model_config.json", "hf": "config.json", "native": "params.json"}
   for fmt, marker in markers.items():
-    if (Path(path) / marker).exists():
+    if (epath.Path(path) / marker).exists():
+      if fmt != "orbax" and "://" in str(path):
+        raise ValueError(f"{path} is a {fmt} directory on remote storage; copy it to a local disk first (or "
+                         "convert it once to orbax, which reads gs:// directly).")
       return fmt
   raise ValueError(f"{path} is not a checkpoint directory: none of {sorted(markers.values())} is in it.")
 
