@@ -19,6 +19,7 @@ from ministral_jax.model import config, transformer
 from ministral_jax.prune import rewrite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRA_EVAL = os.path.join(REPO, "README.md")  # an extra eval file the report must score every model on
 
 
 def _config(name, arg=""):
@@ -28,7 +29,8 @@ def _config(name, arg=""):
 def _start(workdir, *extra):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen([sys.executable, "-m", "ministral_jax.main", "--config=configs/cascade_tiny.py:quick",
-                           f"--workdir={workdir}", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           f"--workdir={workdir}", f"--config.eval.files={EXTRA_EVAL}", *extra], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -55,7 +57,8 @@ def test_quick_cascade_writes_the_report_table_and_plot(quick):
   assert (rows["child_a/long"]["n_layers"], rows["child_a/long"]["d_model"], rows["child_a/long"]["d_ffn"]) == (2, 48, 96)
   # The baseline trains on as many tokens as its child saw in distillation (short + long stage).
   assert rows["child_a/long"]["tokens"] == 10 * 8 * 64 + 2 * 8 * 128 == rows["baseline_child_a"]["tokens"]
-  assert all(np.isfinite(r["loss"]["eval_split"]) and np.isfinite(r["loss"]["eval_split@128"]) for r in rows.values())
+  for r in rows.values():
+    assert set(r["loss"]) == {"eval_split", EXTRA_EVAL, "eval_split@128"} and all(map(np.isfinite, r["loss"].values()))
   md = (workdir / "report.md").read_text()
   assert "| child_b/short | 1 | 48 | 64 |" in md and "from-scratch baseline" in md
   assert (workdir / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,6 +127,7 @@ def test_bad_cascade_config_is_one_clear_error_before_any_work(tmp_path, change,
 def test_a_workdir_holding_a_different_experiment_is_refused(quick, tmp_path):
   workdir, _ = quick
   cfg = _config("cascade_tiny", "quick")
+  cfg.eval.files = EXTRA_EVAL
   cfg.stages[0].short_steps = 11
   with pytest.raises(ValueError, match="holds a different cascade.*stages"):
     cascade.run(cfg, str(workdir))
