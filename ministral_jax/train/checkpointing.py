@@ -2,8 +2,10 @@
 
 One orbax `CheckpointManager` per workdir (`<workdir>/checkpoints/<step>/`)
 with three items: `state` (params, optimizer state, step; params in the
-canonical layout of `model/transformer.py`), `data` (the grain iterator's
-state as JSON) and `meta` (model config and task). Saves are asynchronous;
+canonical layout of `model/transformer.py`), `data` (every process's grain
+iterator state as JSON: orbax writes JSON from the primary host only, so the
+states are gathered there first and each process restores its own) and
+`meta` (model config and task). Saves are asynchronous;
 orbax writes each step under a temporary name and commits it at the end,
 so a killed job never leaves a step that looks complete. A restart with the
 same workdir resumes from the latest step without being asked.
@@ -11,9 +13,11 @@ same workdir resumes from the latest step without being asked.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -33,9 +37,31 @@ def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, meta: dict,
          force: bool = False) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave(data_state),
+  data = {"processes": _gather_json(data_state)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                                           meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _gather_json(obj: Any) -> list[Any]:
+  """Every process's `obj`, in process order, on every process (as padded bytes through the devices)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+
+
+def _own(data: dict) -> dict:
+  """This process's iterator state out of a `data` item."""
+  states = data["processes"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"The checkpoint holds the data streams of {len(states)} processes, this job has "
+                     f"{jax.process_count()}; the input pipeline cannot resume on another process count.")
+  return states[jax.process_index()]
 
 
 def check_same_experiment(mngr: ocp.CheckpointManager, step: int, model_cfg: ModelConfig, task: str,
@@ -55,7 +81,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
   """Restores onto the shardings carried by `abstract_state` (any mesh)."""
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                         data=ocp.args.JsonRestore()))
-  return restored["state"], restored["data"]
+  return restored["state"], _own(restored["data"])
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -68,4 +94,4 @@ def latest_data_state(workdir: str) -> dict:
     step = mngr.latest_step()
     if step is None:
       raise ValueError(f"{workdir} holds no training checkpoint.")
-    return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    return _own(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
