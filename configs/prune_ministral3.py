@@ -36,9 +36,7 @@ def get_config(arg: str = "8b_to_3b") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "prune"
   c.seed = 0
-  c.prune = pruner.prune_config(parent="")
-  c.prune.order = ",".join(step for step, field in (("layers", "n_layers"), ("hidden", "d_model"), ("ffn", "d_ffn"))
-                           if getattr(target, field) < getattr(parent, field))
+  c.prune = pruner.shrinking_steps(pruner.prune_config(parent=""), parent, target)
   c.prune.calibration_batches = 128  # x 8 rows x 4096 tokens = 4.2M tokens
   c.prune.calibration_batch_size = 8
   c.prune.calibration_dtype = "bfloat16"

@@ -16,7 +16,7 @@ from ministral_jax import configs, sharding
 from ministral_jax.cascade import task as cascade
 from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
-from ministral_jax.prune import rewrite
+from ministral_jax.prune import pruner, rewrite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_EVAL = os.path.join(REPO, "README.md")  # an extra eval file the report must score every model on
@@ -152,7 +152,7 @@ def test_the_papers_cascade_builds_stage_by_stage_without_weights():
     assert s.short.rope_scaling == "none" and not s.short.query_temperature_beta  # the parent's short context
     assert s.long.rope_scaling == "yarn" and s.long.yarn_factor == 16 and s.long.yarn_original_max_len == 16384
     assert s.long.query_temperature_beta == 0.1 and s.long.max_seq_len == 262144
-    order = cascade.prune_order(cfg.prune, prev, s.short)
+    order = pruner.shrinking_steps(cfg.prune, prev, s.short)
     plan_shapes = rewrite.Plan(
         layers=jax.ShapeDtypeStruct((s.short.n_layers,), np.int32) if "layers" in order.order else None,
         rotation=jax.ShapeDtypeStruct((prev.d_model, s.short.d_model), np.float32) if "hidden" in order.order else None,

@@ -85,9 +85,7 @@ def _abstract_plan(parent, target):
 @pytest.mark.parametrize("parent_name,target_name", CASCADE)
 def test_the_papers_cascade_shapes_come_out_of_the_parent_abstractly(parent_name, target_name):
   parent, target = config.preset(parent_name), config.preset(target_name)
-  pcfg = pruner.prune_config()
-  pcfg.order = ",".join(s for s, f in (("layers", "n_layers"), ("hidden", "d_model"), ("ffn", "d_ffn"))
-                        if getattr(target, f) < getattr(parent, f))
+  pcfg = pruner.shrinking_steps(pruner.prune_config(), parent, target)
   pruner.check(parent, target, pcfg)  # heads, vocabulary and sizes are a valid target
   out = jax.eval_shape(lambda p, plan: rewrite.apply_plan(p, plan, tie=target.tie_embeddings),
                        transformer.abstract_params(parent), _abstract_plan(parent, target))

@@ -68,7 +68,7 @@ def write(cfg: ml_collections.ConfigDict, root: epath.Path, plan: list, runs: di
     rows.append((f"{s.name} (pruned, before distillation)", None))
     rows += [(name, runs[name]) for name in (f"{s.name}/short", f"{s.name}/long") if name in runs]
   rows += [(name, run) for name, run in runs.items() if name.startswith("baseline_")]
-  table, results = [], {}
+  results = {}
   stage_of = {s.name: s for s in plan}
   for label, run in rows:
     if run is None:

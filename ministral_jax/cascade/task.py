@@ -97,7 +97,7 @@ def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
                       "must decrease in every dimension and in size")
     else:
       try:
-        pruner.check(prev, short, prune_order(cfg.prune, prev, short))
+        pruner.check(prev, short, pruner.shrinking_steps(cfg.prune, prev, short))
       except ValueError as e:
         problems.append(f"stages[{i}] ({s.name}): {e}")
     long = long_context(short, cfg.data.seq_len, cfg.long) if s.long_steps else None
@@ -105,15 +105,6 @@ def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
     prev = short
   if problems:
     raise ValueError("The cascade's stages are not valid:\n  " + "\n  ".join(problems))
-  return out
-
-
-def prune_order(pcfg: ml_collections.ConfigDict, parent: ModelConfig, child: ModelConfig) -> ml_collections.ConfigDict:
-  """The prune config of one stage: the configured order, keeping only the steps whose size shrinks."""
-  fields = {"layers": "n_layers", "hidden": "d_model", "ffn": "d_ffn"}
-  out = copy.deepcopy(pcfg)
-  out.order = ",".join(s for s in pruner.steps_of(pcfg)
-                       if s in fields and getattr(child, fields[s]) < getattr(parent, fields[s]))
   return out
 
 
@@ -182,7 +173,7 @@ class Cascade:
     cfg, workdir = self.cfg, self.root / name
     c = ml_collections.ConfigDict({"task": "prune", "seed": cfg.seed, "model": child.to_dict(),
                                    "data": cfg.data.to_dict(), "mesh": cfg.mesh.to_dict(),
-                                   "prune": prune_order(cfg.prune, parent, child).to_dict()})
+                                   "prune": pruner.shrinking_steps(cfg.prune, parent, child).to_dict()})
     c.prune.parent = parent_path
     prefix = self._prefix(name)
     if not (workdir / "params").exists():

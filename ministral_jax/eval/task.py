@@ -68,8 +68,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = pipeline.build_tokenizer(cfg.data, workdir)
   tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)
   params, model_cfg = convert.load_any(path, partitioner)
-  next_token_loss = pretrain.make_loss(model_cfg, cfg.loss)
-  loss_fn = jax.jit(lambda p, b: next_token_loss(p, b, None, jax.random.key(0))[:2])
+  loss_fn = _loss_fn(model_cfg, cfg.loss.seq_chunk, cfg.loss.vocab_chunk)
   batch = cfg.eval.batch_size
   sources = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)}
   for f in files:

@@ -27,15 +27,12 @@ from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, pruner, rewrite, scorers
 from ministral_jax.prune import task as prune_task
 
-_SCORER_FIELDS = {"layers": "layer_scorer", "hidden": "hidden_scorer", "ffn": "ffn_scorer"}
-
-
 def variants(pcfg: ml_collections.ConfigDict, parent: ModelConfig, target: ModelConfig) -> list[tuple[str, dict]]:
   """(label, overrides of `prune`): the configured pass, then one change at a time."""
   steps = pruner.steps_of(pcfg)
-  out = [(f"configured ({', '.join(pcfg[_SCORER_FIELDS[s]] for s in steps)})", {})]
+  out = [(f"configured ({', '.join(pcfg[pruner.SCORER_FIELD[s]] for s in steps)})", {})]
   for step in steps:
-    field = _SCORER_FIELDS[step]
+    field = pruner.SCORER_FIELD[step]
     out += [(f"{step}: {name}", {field: name}) for name in scorers.SCORERS[step] if name != pcfg[field]]
   out.append((f"recalibrate={not pcfg.recalibrate}", {"recalibrate": not pcfg.recalibrate}))
   if target.tie_embeddings and not parent.tie_embeddings:

@@ -22,6 +22,7 @@ makes the pass 2.6x a plain forward instead of 1.3x (`benchmarks/prune_pass.py`)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any, Callable, Iterable
@@ -35,8 +36,8 @@ from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, rewrite, scorers
 
 STEPS = ("layers", "hidden", "ffn")
-_STEP_FIELD = {"layers": "n_layers", "hidden": "d_model", "ffn": "d_ffn"}
-_SCORER_FIELD = {"layers": "layer_scorer", "hidden": "hidden_scorer", "ffn": "ffn_scorer"}
+STEP_FIELD = {"layers": "n_layers", "hidden": "d_model", "ffn": "d_ffn"}  # the size each step shrinks
+SCORER_FIELD = {"layers": "layer_scorer", "hidden": "hidden_scorer", "ffn": "ffn_scorer"}
 
 
 def prune_config(parent: str = "") -> ml_collections.ConfigDict:
@@ -57,6 +58,16 @@ def steps_of(pcfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(s.strip() for s in pcfg.order.split(",") if s.strip())
 
 
+def shrinking_steps(pcfg: ml_collections.ConfigDict, parent: ModelConfig, target: ModelConfig
+                    ) -> ml_collections.ConfigDict:
+  """`pcfg` with only the steps whose size shrinks from `parent` to `target`, in the configured order
+  (e.g. 24B -> 14B prunes the FFN only, instead of a no-op layer step and a full-width rotation)."""
+  out = copy.deepcopy(pcfg)
+  out.order = ",".join(s for s in steps_of(pcfg)
+                       if s in STEP_FIELD and getattr(target, STEP_FIELD[s]) < getattr(parent, STEP_FIELD[s]))
+  return out
+
+
 def check(parent: ModelConfig, target: ModelConfig, pcfg: ml_collections.ConfigDict) -> None:
   """Everything wrong with a (parent, target, prune config) triple, in one error, before any work."""
   problems = []
@@ -66,7 +77,7 @@ def check(parent: ModelConfig, target: ModelConfig, pcfg: ml_collections.ConfigD
       problems.append(f"prune.order names an unknown step {s!r}; steps are {STEPS}")
   if len(set(steps)) != len(steps):
     problems.append(f"prune.order={pcfg.order!r} names a step twice")
-  for step, field in _SCORER_FIELD.items():
+  for step, field in SCORER_FIELD.items():
     if pcfg[field] not in scorers.SCORERS[step]:
       problems.append(f"prune.{field}={pcfg[field]!r} is not one of {sorted(scorers.SCORERS[step])}")
   if pcfg.tie_init not in rewrite.TIE_INITS:
@@ -81,7 +92,7 @@ def check(parent: ModelConfig, target: ModelConfig, pcfg: ml_collections.ConfigD
     problems.append("head layout: the target has " + ", ".join(f"{f}={getattr(target, f)}" for f in heads)
                     + ", the parent " + ", ".join(f"{f}={getattr(parent, f)}" for f in heads)
                     + "; heads are never pruned (paper: 32/8 x 128 at every size), so set them to the parent's")
-  for step, field in _STEP_FIELD.items():
+  for step, field in STEP_FIELD.items():
     want, have = getattr(target, field), getattr(parent, field)
     if want > have:
       problems.append(f"{field}: the target ({want}) is larger than the parent ({have}); pruning only shrinks")
@@ -167,7 +178,7 @@ def prune(params: Any, parent: ModelConfig, target: ModelConfig, pcfg: ml_collec
   rng = np.random.default_rng(pcfg.seed)
   calib = lambda p, cfg, wanted: calibration.calibrate(
       p, cfg.replace(dtype=pcfg.calibration_dtype), batches(), partitioner, wanted)
-  needs = {s: scorers.needs(s, pcfg[_SCORER_FIELD[s]]) for s in steps}
+  needs = {s: scorers.needs(s, pcfg[SCORER_FIELD[s]]) for s in steps}
   first = needs[steps[0]] if (pcfg.recalibrate and steps) else sorted({n for s in steps for n in needs[s]})
   stats = parent_stats if parent_stats is not None else (calib(params, parent, first) if first else {})
   report: dict[str, Any] = {"order": list(steps), "recalibrate": bool(pcfg.recalibrate),
@@ -175,7 +186,7 @@ def prune(params: Any, parent: ModelConfig, target: ModelConfig, pcfg: ml_collec
   arrays: dict[str, np.ndarray] = {}
 
   def decide(step, stats, params, layer_ids) -> rewrite.Plan:
-    name = pcfg[_SCORER_FIELD[step]]
+    name = pcfg[SCORER_FIELD[step]]
     plan, entry, step_arrays = _DECIDE[step](name, stats, params, target, rng, layer_ids)
     report[step] = {"scorer": name, **entry}
     arrays.update(step_arrays)
