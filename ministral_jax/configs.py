@@ -9,11 +9,13 @@ from types import ModuleType
 
 import ml_collections
 
+from ministral_jax.errors import UserError
+
 
 def load_module(path: str) -> ModuleType:
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.exists(path):
-    raise ValueError(f"Cannot load config file {path!r}.")
+    raise UserError(f"Cannot load config file {path!r}.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

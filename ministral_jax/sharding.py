@@ -28,6 +28,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ministral_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -88,17 +90,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def _resolve_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1.")
+    raise UserError(f"Mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1.")
   known = math.prod(s for s in shape if s != -1)
   if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))}: axis sizes must be positive or -1.")
+    raise UserError(f"Mesh {dict(zip(MESH_AXES, shape))}: axis sizes must be positive or -1.")
   if -1 in shape:
     if n_devices % known:
-      raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))}: the fixed axes ({known} devices) do not "
+      raise UserError(f"Mesh {dict(zip(MESH_AXES, shape))}: the fixed axes ({known} devices) do not "
                        f"divide the {n_devices} devices. Change the mesh sizes in the config.")
     shape[shape.index(-1)] = n_devices // known
   if math.prod(shape) != n_devices:
-    raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+    raise UserError(f"Mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
                      f"{n_devices} are available. Make the product of mesh.data * mesh.fsdp * "
                      f"mesh.tensor equal {n_devices}, or set one axis to -1.")
   return tuple(shape)
@@ -110,12 +112,12 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
   mesh_cfg = dict(mesh_cfg or mesh_config())
   unknown = set(mesh_cfg) - set(MESH_AXES) - {f"dcn_{a}" for a in MESH_AXES}
   if unknown:
-    raise ValueError(f"Unknown mesh fields {sorted(unknown)}; known: {list(MESH_AXES)} and dcn_<axis>.")
+    raise UserError(f"Unknown mesh fields {sorted(unknown)}; known: {list(MESH_AXES)} and dcn_<axis>.")
   devices = list(devices if devices is not None else jax.devices())
   dcn = tuple(int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES)
   n_slices = math.prod(dcn)
   if len(devices) % n_slices:
-    raise ValueError(f"dcn sizes {dcn} ({n_slices} slices) do not divide the {len(devices)} devices.")
+    raise UserError(f"dcn sizes {dcn} ({n_slices} slices) do not divide the {len(devices)} devices.")
   ici = _resolve_shape(mesh_cfg, len(devices) // n_slices)
   if n_slices > 1:
     device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
@@ -173,7 +175,7 @@ class Partitioner:
                           f"'{flat_axes[path][dim]}') over mesh axes {mesh_axes} "
                           f"(size {self.axis_size(mesh_axes)})")
     if problems:
-      raise ValueError("The mesh does not divide these sharded dimensions:\n  " + "\n  ".join(problems)
+      raise UserError("The mesh does not divide these sharded dimensions:\n  " + "\n  ".join(problems)
                        + f"\nMesh: {dict(self.mesh.shape)}. Pick mesh sizes that divide them, or map "
                        "the logical axis to None in the rules.")
 
@@ -187,7 +189,7 @@ class Partitioner:
   def check_batch(self, global_batch: int) -> None:
     n = self.axis_size(self.spec(("activation_batch",))[0])
     if global_batch % n:
-      raise ValueError(f"Global batch {global_batch} cannot be split over the {n} batch shards of mesh "
+      raise UserError(f"Global batch {global_batch} cannot be split over the {n} batch shards of mesh "
                        f"{dict(self.mesh.shape)} (data x fsdp). Use a multiple of {n}.")
 
   def shard_batch(self, batch: Any) -> Any:

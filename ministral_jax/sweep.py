@@ -21,6 +21,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from ministral_jax import configs
+from ministral_jax.errors import UserError
 
 Point = dict[str, Any]
 
@@ -36,7 +37,7 @@ def product(sweeps: Sequence[list[Point]]) -> list[Point]:
 def zip(sweeps: Sequence[list[Point]]) -> list[Point]:  # noqa: A001 (the name big_vision users know)
   lengths = {len(s) for s in sweeps}
   if len(lengths) > 1:
-    raise ValueError(f"zip needs sweeps of one length, got lengths {sorted(lengths)}.")
+    raise UserError(f"zip needs sweeps of one length, got lengths {sorted(lengths)}.")
   return [_merge(combo) for combo in builtins.zip(*sweeps)]
 
 
@@ -53,7 +54,7 @@ def _merge(points: Iterable[Point]) -> Point:
   for p in points:
     clash = set(out) & set(p)
     if clash:
-      raise ValueError(f"A sweep sets {sorted(clash)} twice in one point.")
+      raise UserError(f"A sweep sets {sorted(clash)} twice in one point.")
     out.update(p)
   return out
 
@@ -68,7 +69,7 @@ def load_points(config: str) -> list[Point]:
   takes_arg = len(inspect.signature(module.get_hyper).parameters) > 1
   points = module.get_hyper(h, arg) if takes_arg else module.get_hyper(h)
   if not points:
-    raise ValueError(f"{path}: get_hyper returned no points.")
+    raise UserError(f"{path}: get_hyper returned no points.")
   return [dict(p) for p in points]
 
 

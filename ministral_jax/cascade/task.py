@@ -37,6 +37,7 @@ from etils import epath
 from ministral_jax import files, sharding
 from ministral_jax.checkpoint import convert
 from ministral_jax.data import pipeline, tokenizers
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, param_count
 from ministral_jax.prune import pruner
 from ministral_jax.prune import task as prune_task
@@ -76,7 +77,7 @@ def parent_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
   if not cfg.parent.checkpoint:
     return model
   if not epath.Path(cfg.parent.checkpoint).exists():
-    raise ValueError(f"parent.checkpoint={cfg.parent.checkpoint!r} does not exist. Point it at an orbax, HF "
+    raise UserError(f"parent.checkpoint={cfg.parent.checkpoint!r} does not exist. Point it at an orbax, HF "
                      "or Mistral-native checkpoint, or leave it empty to pretrain a parent.")
   return convert.load_config_any(cfg.parent.checkpoint).replace(
       **{k: v for k, v in model.to_dict().items() if k not in ARCH_FIELDS})
@@ -85,7 +86,7 @@ def parent_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
 def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
   """The stages, checked: names, shrinking shapes, and every prune step they imply."""
   if not cfg.stages:
-    raise ValueError("config.stages is empty: name at least one child shape.")
+    raise UserError("config.stages is empty: name at least one child shape.")
   out, prev, problems = [], parent, []
   for i, s in enumerate(cfg.stages):
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or s.name == "parent" or s.name in [o.name for o in out]:
@@ -104,7 +105,7 @@ def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
     out.append(Stage(s.name, short, long, int(s.short_steps), int(s.long_steps)))
     prev = short
   if problems:
-    raise ValueError("The cascade's stages are not valid:\n  " + "\n  ".join(problems))
+    raise UserError("The cascade's stages are not valid:\n  " + "\n  ".join(problems))
   return out
 
 
@@ -116,11 +117,11 @@ def check_identity(root: epath.Path, cfg: ml_collections.ConfigDict, write: bool
     saved = json.loads(path.read_text())
     diff = sorted(k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k))
     if diff:
-      raise ValueError(f"Workdir {root} holds a different cascade (its config differs in: {', '.join(diff)}). "
+      raise UserError(f"Workdir {root} holds a different cascade (its config differs in: {', '.join(diff)}). "
                        "Use a new --workdir, or the config that started it.")
     return
   if root.exists() and any(root.iterdir()):
-    raise ValueError(f"Workdir {root} is not empty and holds no {IDENTITY_FILE}: it is not a cascade's. "
+    raise UserError(f"Workdir {root} is not empty and holds no {IDENTITY_FILE}: it is not a cascade's. "
                      "Use a new --workdir.")
   if write:
     root.mkdir(parents=True, exist_ok=True)
@@ -188,10 +189,10 @@ def check(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[ModelConfig
   plan = stages(cfg, parent)
   teacher = cfg.distill.teacher
   if teacher not in ("parent", "previous") and not epath.Path(teacher).exists():
-    raise ValueError(f"distill.teacher={teacher!r} does not exist. Use 'parent' (the cascade's root, as the "
+    raise UserError(f"distill.teacher={teacher!r} does not exist. Use 'parent' (the cascade's root, as the "
                      "paper), 'previous' (the stage before) or a checkpoint directory.")
   if any(s.long for s in plan) and cfg.long.seq_len <= cfg.data.seq_len:
-    raise ValueError(f"long.seq_len={cfg.long.seq_len} must exceed data.seq_len={cfg.data.seq_len}.")
+    raise UserError(f"long.seq_len={cfg.long.seq_len} must exceed data.seq_len={cfg.data.seq_len}.")
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
   for model in [parent] + [m for s in plan for m in (s.short, s.long) if m is not None]:
     partitioner.param_shardings(model)
@@ -200,7 +201,7 @@ def check(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[ModelConfig
     partitioner.check_batch(cfg.long.global_batch)
   if cfg.data.tokenizer == "spm_train":
     if cfg.data.spm_vocab_size > parent.vocab_size:
-      raise ValueError(f"data.spm_vocab_size={cfg.data.spm_vocab_size} exceeds the parent's vocab_size="
+      raise UserError(f"data.spm_vocab_size={cfg.data.spm_vocab_size} exceeds the parent's vocab_size="
                        f"{parent.vocab_size}; lower it.")
   else:
     tokenizers.check_vocab_fits(tokenizers.load_tokenizer(cfg.data.tokenizer), parent.vocab_size)

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from ministral_jax.checkpoint import hf, native, safetensors_io
+from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
 
@@ -72,10 +73,10 @@ def detect_format(path: str) -> str:
   for fmt, marker in markers.items():
     if (epath.Path(path) / marker).exists():
       if fmt != "orbax" and "://" in str(path):
-        raise ValueError(f"{path} is a {fmt} directory on remote storage; copy it to a local disk first (or "
+        raise UserError(f"{path} is a {fmt} directory on remote storage; copy it to a local disk first (or "
                          "convert it once to orbax, which reads gs:// directly).")
       return fmt
-  raise ValueError(f"{path} is not a checkpoint directory: none of {sorted(markers.values())} is in it.")
+  raise UserError(f"{path} is not a checkpoint directory: none of {sorted(markers.values())} is in it.")
 
 
 def load_config_any(path: str) -> ModelConfig:
@@ -128,7 +129,7 @@ def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, 
     diff = [f"{k}: {getattr(saved, k)!r} in {init_from}, {getattr(cfg, k)!r} in the config"
             for k in SHAPE_FIELDS if getattr(saved, k) != getattr(cfg, k)]
     if diff:
-      raise ValueError("init_from has other shapes than the model config:\n  " + "\n  ".join(diff))
+      raise UserError("init_from has other shapes than the model config:\n  " + "\n  ".join(diff))
     exec_fields = {k: v for k, v in cfg.to_dict().items() if k not in ARCH_FIELDS}
     params, _ = load_any(init_from, partitioner, saved.replace(**exec_fields))
     return params, cfg
@@ -143,7 +144,7 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | N
   """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config."""
   for name, fmt in (("source", src_format), ("destination", dst_format)):
     if fmt not in FORMATS:
-      raise ValueError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
+      raise UserError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
   params, cfg = LOADERS[src_format](src, dtype)
   SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes)
   return cfg

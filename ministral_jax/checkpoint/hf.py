@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ministral_jax.checkpoint import safetensors_io as io
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -57,7 +58,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
   """A transformers config.json (ministral3, mistral, or mistral3 text part) -> ModelConfig."""
   d = dict(hf_config)
   if d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config"):
-    raise ValueError("Quantized (e.g. FP8) HF checkpoints are not supported; use a BF16 release.")
+    raise UserError("Quantized (e.g. FP8) HF checkpoints are not supported; use a BF16 release.")
   if d.get("model_type") == "mistral3":
     text = dict(d.get("text_config") or {})
     text.setdefault("model_type", "mistral")  # Mistral3Config's default text model
@@ -65,18 +66,18 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     d = text
   model_type = d.get("model_type")
   if model_type not in _DEFAULTS:
-    raise ValueError(f"Unsupported model_type {model_type!r}: expected 'ministral3', 'mistral' or "
+    raise UserError(f"Unsupported model_type {model_type!r}: expected 'ministral3', 'mistral' or "
                      "'mistral3' (whose text_config is one of these).")
   missing = [k for k in _REQUIRED if k not in d]
   if missing:
-    raise ValueError(f"The {model_type} config lacks required field(s) {missing}.")
+    raise UserError(f"The {model_type} config lacks required field(s) {missing}.")
   g = lambda key: d.get(key, _DEFAULTS[model_type][key])  # noqa: E731
   if g("sliding_window") is not None:
-    raise ValueError(f"sliding_window={g('sliding_window')} (transformers' default for '{model_type}' when "
+    raise UserError(f"sliding_window={g('sliding_window')} (transformers' default for '{model_type}' when "
                      "the key is absent is " f"{_DEFAULTS[model_type]['sliding_window']}): sliding-window "
                      "attention is not supported; Ministral 3 / Mistral Small 3.1 set it to null.")
   if g("hidden_act") != "silu":
-    raise ValueError(f"hidden_act={g('hidden_act')!r} is not supported (only 'silu').")
+    raise UserError(f"hidden_act={g('hidden_act')!r} is not supported (only 'silu').")
   heads = d["num_attention_heads"]
   eos = g("eos_token_id")
   fields = dict(
@@ -98,9 +99,9 @@ def _rope_from_hf(d: Mapping[str, Any], model_type: str, default_theta: float,
   kind = rp.get("rope_type", rp.get("type", "default"))
   out: dict[str, Any] = dict(rope_theta=float(rp.get("rope_theta", d.get("rope_theta", default_theta))))
   if rp.get("partial_rotary_factor", 1.0) != 1.0 or rp.get("truncate", True) is not True:
-    raise ValueError(f"Unsupported RoPE settings {rp}: partial rotary / untruncated YaRN.")
+    raise UserError(f"Unsupported RoPE settings {rp}: partial rotary / untruncated YaRN.")
   if rp.get("attention_factor") is not None:
-    raise ValueError("An explicit YaRN attention_factor is not supported (use mscale / mscale_all_dim).")
+    raise UserError("An explicit YaRN attention_factor is not supported (use mscale / mscale_all_dim).")
   if kind == "default":
     out["rope_scaling"] = "none"
   elif kind == "yarn":
@@ -113,12 +114,12 @@ def _rope_from_hf(d: Mapping[str, Any], model_type: str, default_theta: float,
                yarn_mscale=float(rp.get("mscale") or 0.0),
                yarn_mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0))
   else:
-    raise ValueError(f"Unsupported rope_type {kind!r}: only 'default' and 'yarn'.")
+    raise UserError(f"Unsupported rope_type {kind!r}: only 'default' and 'yarn'.")
   beta = rp.get("llama_4_scaling_beta") if model_type == "ministral3" else None
   out["query_temperature_beta"] = float(beta or 0.0)
   if beta:
     if not rp.get("original_max_position_embeddings"):
-      raise ValueError("llama_4_scaling_beta is set but rope_parameters has no "
+      raise UserError("llama_4_scaling_beta is set but rope_parameters has no "
                        "original_max_position_embeddings.")
     out["query_temperature_len"] = int(rp["original_max_position_embeddings"])
   return out
@@ -139,7 +140,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
   if cfg.query_temperature_beta:
     l0 = rope.setdefault("original_max_position_embeddings", cfg.query_temperature_len)
     if l0 != cfg.query_temperature_len:
-      raise ValueError(f"HF configs hold one original_max_position_embeddings for YaRN and the query "
+      raise UserError(f"HF configs hold one original_max_position_embeddings for YaRN and the query "
                        f"temperature; this config has {l0} and {cfg.query_temperature_len}.")
   if ministral:
     rope["llama_4_scaling_beta"] = cfg.query_temperature_beta

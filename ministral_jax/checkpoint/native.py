@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ministral_jax.checkpoint import safetensors_io as io
+from ministral_jax.errors import UserError
 from ministral_jax.model import rope
 from ministral_jax.model.config import ModelConfig
 
@@ -70,12 +71,12 @@ def config_from_params_json(d: Mapping[str, Any]) -> ModelConfig:
   """params.json -> ModelConfig (text decoder; `vision_encoder` is ignored)."""
   missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size") if k not in d]
   if missing:
-    raise ValueError(f"params.json lacks required field(s) {missing}.")
+    raise UserError(f"params.json lacks required field(s) {missing}.")
   if d.get("sliding_window") is not None:
-    raise ValueError(f"params.json sets sliding_window={d['sliding_window']}; sliding-window attention "
+    raise UserError(f"params.json sets sliding_window={d['sliding_window']}; sliding-window attention "
                      "is not supported.")
   if d.get("quantization"):
-    raise ValueError("Quantized (FP8) native checkpoints are not supported; use a BF16 release.")
+    raise UserError("Quantized (FP8) native checkpoints are not supported; use a BF16 release.")
   yarn, l4 = d.get("yarn"), d.get("llama_4_scaling")
   fields: dict[str, Any] = dict(
       vocab_size=d["vocab_size"], d_model=d["dim"], n_layers=d["n_layers"], d_ffn=d["hidden_dim"],
@@ -108,7 +109,7 @@ def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
     factor = rope.inverse_frequencies(cfg)[1]
     paper = 1.0 + 0.1 * math.log(cfg.yarn_factor) if cfg.yarn_factor > 1 else 1.0
     if not (math.isclose(factor, 1.0) or math.isclose(factor, paper)):
-      raise ValueError(f"YaRN attention factor {factor} cannot be written to params.json "
+      raise UserError(f"YaRN attention factor {factor} cannot be written to params.json "
                        f"(only 1.0 or {paper}).")
     out["yarn"] = dict(factor=cfg.yarn_factor, original_max_position_embeddings=cfg.yarn_original_max_len,
                        beta=cfg.yarn_beta_fast, alpha=cfg.yarn_beta_slow,

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, param_count
 
@@ -92,16 +93,16 @@ def load_config(path: str | epath.Path, **exec_overrides: Any) -> ModelConfig:
     raise FileNotFoundError(f"No checkpoint at {path}.")
   for name in (CONFIG_FILE, METADATA_FILE):
     if not (path / name).exists():
-      raise ValueError(f"{path} is not a complete ministral_jax checkpoint: {name} is missing. It may be "
+      raise UserError(f"{path} is not a complete ministral_jax checkpoint: {name} is missing. It may be "
                        "an interrupted write or another format (use checkpoint.convert for HF/native).")
   meta = json.loads((path / METADATA_FILE).read_text())
   if meta.get("layout") != transformer.LAYOUT:
-    raise ValueError(f"{path} has parameter layout {meta.get('layout')!r}; this code reads "
+    raise UserError(f"{path} has parameter layout {meta.get('layout')!r}; this code reads "
                      f"{transformer.LAYOUT!r}.")
   cfg_dict = json.loads((path / CONFIG_FILE).read_text())
   arch = sorted(set(exec_overrides) & set(ARCH_FIELDS))
   if arch:
-    raise ValueError(f"Cannot override architecture fields {arch} when loading {path}; only execution "
+    raise UserError(f"Cannot override architecture fields {arch} when loading {path}; only execution "
                      "fields (dtype, param_dtype, remat_policy, scan_layers, attention_impl, ...) may change.")
   return ModelConfig.from_dict({**cfg_dict, **exec_overrides})
 
@@ -133,4 +134,4 @@ def _check_tree_matches_config(tree: Any, cfg: ModelConfig, where: str) -> None:
   problems += [f"{k}: shape {got[k]} but the config implies {expected[k]}"
                for k in expected if k in got and got[k] != expected[k]]
   if problems:
-    raise ValueError(f"{where} does not match its model config:\n  " + "\n  ".join(problems))
+    raise UserError(f"{where} does not match its model config:\n  " + "\n  ".join(problems))

@@ -36,6 +36,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
 
@@ -144,7 +145,7 @@ def find_shards(path: Path, index_name: str, single_name: str, pattern: str) -> 
   if index.exists():
     weight_map = json.loads(index.read_text()).get("weight_map")
     if not isinstance(weight_map, dict):
-      raise ValueError(f"{index} has no 'weight_map' object.")
+      raise UserError(f"{index} has no 'weight_map' object.")
     files = sorted({path / name for name in weight_map.values()})
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -164,11 +165,11 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     prefix = fh.read(8)
     size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
     if not 0 < size <= _MAX_HEADER_BYTES:
-      raise ValueError(f"{file} is not a safetensors file (bad header length).")
+      raise UserError(f"{file} is not a safetensors file (bad header length).")
     try:
       header = json.loads(fh.read(size))
     except ValueError as e:
-      raise ValueError(f"{file} is not a safetensors file (unreadable header: {e}).") from None
+      raise UserError(f"{file} is not a safetensors file (unreadable header: {e}).") from None
   header.pop("__metadata__", None)
   return {name: TensorInfo(file, tuple(h["shape"]), h["dtype"]) for name, h in header.items()}
 
@@ -178,7 +179,7 @@ def read_headers(files: Sequence[Path]) -> dict[str, TensorInfo]:
   for file in files:
     for name, info in read_header(file).items():
       if name in infos:
-        raise ValueError(f"Tensor '{name}' is stored twice: in {infos[name].file.name} and {file.name}.")
+        raise UserError(f"Tensor '{name}' is stored twice: in {infos[name].file.name} and {file.name}.")
       infos[name] = info
   return infos
 
@@ -200,16 +201,16 @@ def check_tensors(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cf
   if missing or unexpected:
     lines = ([f"missing: {_listing(missing)}"] if missing else [])
     lines += ([f"unexpected: {_listing(unexpected)}"] if unexpected else [])
-    raise ValueError(f"{source} does not hold the tensors its config implies "
+    raise UserError(f"{source} does not hold the tensors its config implies "
                      f"({cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings}):\n  "
                      + "\n  ".join(lines))
   bad = [f"tensor '{n}' has shape {list(infos[n].shape)} but the config implies {list(m.shape)}"
          for n, m in expected.items() if infos[n].shape != m.shape]
   if bad:
-    raise ValueError(f"{source}: shapes disagree with the config:\n  " + "\n  ".join(bad))
+    raise UserError(f"{source}: shapes disagree with the config:\n  " + "\n  ".join(bad))
   unknown = sorted({infos[n].dtype for n in expected} - set(_DTYPES))
   if unknown:
-    raise ValueError(f"{source}: unsupported tensor dtype(s) {unknown}; supported: {sorted(_DTYPES)}.")
+    raise UserError(f"{source}: unsupported tensor dtype(s) {unknown}; supported: {sorted(_DTYPES)}.")
 
 
 def check_same_architecture(given: ModelConfig, found: ModelConfig, source: str) -> None:
@@ -217,7 +218,7 @@ def check_same_architecture(given: ModelConfig, found: ModelConfig, source: str)
   a, b = relevant_arch(given), relevant_arch(found)
   diff = [f"{k}: given {a.get(k)!r}, checkpoint {b.get(k)!r}" for k in ARCH_FIELDS if a.get(k) != b.get(k)]
   if diff:
-    raise ValueError(f"The config passed in disagrees with {source}:\n  " + "\n  ".join(diff)
+    raise UserError(f"The config passed in disagrees with {source}:\n  " + "\n  ".join(diff)
                      + "\nPass cfg=None to use the checkpoint's own config.")
 
 
@@ -290,7 +291,7 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   output_name = next(m.name for m in untied_maps if m.leaf == ("output",))
   has_output = output_name in infos
   if not has_output and not found.tie_embeddings:
-    raise ValueError(f"{source}: the config says the embeddings are not tied, but there is no "
+    raise UserError(f"{source}: the config says the embeddings are not tied, but there is no "
                      f"'{output_name}' tensor.")
   found = found.replace(tie_embeddings=not has_output)
   if cfg is not None:
@@ -300,7 +301,7 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   embed_name = next(m.name for m in maps if m.leaf == ("tok_embeddings",))
   np_dtype = to_np_dtype(dtype) if dtype is not None else dtype_of(infos, embed_name)
   if np_dtype.name not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"{source} stores {np_dtype.name} weights; pass dtype='bfloat16' or 'float32'.")
+    raise UserError(f"{source} stores {np_dtype.name} weights; pass dtype='bfloat16' or 'float32'.")
   out_cfg = (cfg or found).replace(param_dtype=np_dtype.name, tie_embeddings=found.tie_embeddings)
   return read_params(infos, maps, out_cfg, np_dtype, shardings), out_cfg
 
@@ -329,7 +330,7 @@ def check_params(params: Any, cfg: ModelConfig) -> None:
   bad = [f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
   bad += [f"{k}: shape {got[k]}, config implies {want[k]}" for k in want if k in got and got[k] != want[k]]
   if bad:
-    raise ValueError("The params do not match their config:\n  " + "\n  ".join(bad))
+    raise UserError("The params do not match their config:\n  " + "\n  ".join(bad))
 
 
 def _write_order(maps: Sequence[TensorMap], n_layers: int) -> list[tuple[TensorMap, int | None]]:
@@ -413,4 +414,4 @@ def read_json(file: Path, what: str) -> dict[str, Any]:
   try:
     return json.loads(file.read_text())
   except ValueError as e:
-    raise ValueError(f"{file} is not valid JSON: {e}") from None
+    raise UserError(f"{file} is not valid JSON: {e}") from None

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from ministral_jax.data.tokenizers import Tokenizer
+from ministral_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 FEATURES = ("inputs", "targets", "segment_ids", "positions")
@@ -51,7 +52,7 @@ def _rename(row: Batch) -> Batch:
 def pack(examples: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """(inputs, targets) examples to rows of `seq_len` with segment_ids and positions."""
   if seq_len < 1:
-    raise ValueError(f"seq_len must be positive, got {seq_len}")
+    raise UserError(f"seq_len must be positive, got {seq_len}")
   lengths = {"inputs": seq_len, "targets": seq_len}
   packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
   return packed.map(_rename)

@@ -26,6 +26,7 @@ import ml_collections
 
 from ministral_jax.data import packing, sources, spm_train
 from ministral_jax.data.tokenizers import Tokenizer, load_tokenizer
+from ministral_jax.errors import UserError
 
 SOURCES = ("builtin", "text", "jsonl", "tfds")
 SPLITS = ("train", "eval")
@@ -86,9 +87,9 @@ def _file_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[sou
 def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
   """The split's documents as a random-access dataset of strings (max_documents applies to train)."""
   if data_cfg.source not in SOURCES:
-    raise ValueError(f"unknown data source {data_cfg.source!r}; expected one of {SOURCES}")
+    raise UserError(f"unknown data source {data_cfg.source!r}; expected one of {SOURCES}")
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
   what = f"data source {data_cfg.source!r} ({split} split)"
   if data_cfg.source == "tfds":
     tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
@@ -129,7 +130,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
   return process_index, process_count
 
 
@@ -142,7 +143,7 @@ def _mix_seed(*seeds: int) -> int:
 def _batches(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> grain.IterDataset:
   """Tokenize lazily (a few threads read ahead), pack, batch."""
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+    raise UserError(f"batch_size must be positive, got {batch_size}")
   examples = docs.map(packing.tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS)
   return packing.pack(examples, seq_len).batch(batch_size)
 
@@ -164,7 +165,7 @@ def train_iterator(
   process_index, process_count = _process(process_index, process_count)
   shard = documents(data_cfg, "train")[process_index::process_count]
   if len(shard) == 0:
-    raise ValueError(f"process {process_index} of {process_count} gets no training documents; the corpus is too small")
+    raise UserError(f"process {process_index} of {process_count} gets no training documents; the corpus is too small")
   shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
   stream = shard.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None)[data_cfg.start_document:]
   batches = _batches(stream, tokenizer, data_cfg.seq_len, batch_size)
@@ -237,12 +238,12 @@ class DataIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"data iterator state has version {state.get('version')!r}; this code reads {STATE_VERSION}")
+      raise UserError(f"data iterator state has version {state.get('version')!r}; this code reads {STATE_VERSION}")
     saved, current = state["pipeline"], self._identity
     if saved != current:
       keys = sorted(current.keys() | saved.keys())
       diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
-      raise ValueError(f"data iterator state belongs to a different pipeline (saved vs now): {diff}")
+      raise UserError(f"data iterator state belongs to a different pipeline (saved vs now): {diff}")
     self._parent.set_state(_from_json(state["grain"]))
 
 

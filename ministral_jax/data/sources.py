@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import grain
 
+from ministral_jax.errors import UserError
+
 EVAL_FRACTION = 0.02
 TEXT_UNITS = ("paragraph", "line", "file")
 
@@ -84,7 +86,7 @@ def _stable_fraction(key: str) -> float:
 def split_entries(keyed: Sequence[tuple[str, Entry]], split: str) -> list[Entry]:
   """The fixed hash hold-out (see module docstring); with 2+ documents the eval split is never empty."""
   if split not in ("train", "eval"):
-    raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+    raise UserError(f"unknown split {split!r}; expected 'train' or 'eval'")
   fractions = [_stable_fraction(key) for key, _ in keyed]
   in_eval = [f < EVAL_FRACTION for f in fractions]
   if len(keyed) > 1 and not any(in_eval):
@@ -95,7 +97,7 @@ def split_entries(keyed: Sequence[tuple[str, Entry]], split: str) -> list[Entry]
 def as_dataset(entries: Sequence[Entry], what: str) -> grain.MapDataset:
   """Random-access dataset of document strings; fails now if there are none."""
   if not entries:
-    raise ValueError(f"{what} has no documents")
+    raise UserError(f"{what} has no documents")
   return grain.MapDataset.source(list(entries)).map(_read_entry)
 
 
@@ -140,12 +142,12 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     patterns = [p.strip() for p in patterns.split(",")]
   patterns = [p for p in patterns if p]
   if not patterns:
-    raise ValueError("no data paths given: set data.paths to comma-separated files or globs")
+    raise UserError("no data paths given: set data.paths to comma-separated files or globs")
   files: set[str] = set()
   for pattern in patterns:
     matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
     if not matched:
-      raise ValueError(f"data path {pattern!r} matches no files")
+      raise UserError(f"data path {pattern!r} matches no files")
     files.update(os.path.abspath(p) for p in matched)
   return sorted(files)
 
@@ -183,9 +185,9 @@ def _jsonl_spans(path: str, field: str) -> list[Span]:
     try:
       record = json.loads(span.raw())
     except json.JSONDecodeError as exc:
-      raise ValueError(f"{path}: record {number} is not valid JSON: {exc}") from None
+      raise UserError(f"{path}: record {number} is not valid JSON: {exc}") from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
-      raise ValueError(f"{path}: record {number} has no string field {field!r} (set data.jsonl_field)")
+      raise UserError(f"{path}: record {number} has no string field {field!r} (set data.jsonl_field)")
     if record[field].strip():
       spans.append(span)
   return spans
@@ -196,14 +198,14 @@ def file_entries(
 ) -> list[tuple[str, Entry]]:
   """(key, span) for every document in the files; an empty file is an error, not a silent skip."""
   if text_unit not in TEXT_UNITS:
-    raise ValueError(f"unknown text_unit {text_unit!r}; expected one of {TEXT_UNITS}")
+    raise UserError(f"unknown text_unit {text_unit!r}; expected one of {TEXT_UNITS}")
   files = expand_paths(patterns)
   root = os.path.commonpath([os.path.dirname(f) for f in files])
   keyed: list[tuple[str, Entry]] = []
   for path in files:
     spans = _jsonl_spans(path, jsonl_field) if jsonl_field else _text_spans(path, text_unit)
     if not spans:
-      raise ValueError(f"data file {path} is empty (no non-blank text)")
+      raise UserError(f"data file {path} is empty (no non-blank text)")
     rel = pathlib.Path(os.path.relpath(path, root)).as_posix()
     whole_files = text_unit == "file" and not jsonl_field
     keyed.extend((rel if whole_files else f"{rel}:{i}", span) for i, span in enumerate(spans))
@@ -216,7 +218,7 @@ def file_entries(
 def tfds_dataset(name: str, split: str, *, data_dir: str = "", field: str = "text") -> grain.MapDataset:
   """A prepared TFDS split via `tfds.data_source` (random access over array_record; never downloads)."""
   if not name:
-    raise ValueError("data.source='tfds' needs data.tfds_name")
+    raise UserError("data.source='tfds' needs data.tfds_name")
   import tensorflow_datasets as tfds
 
   try:
@@ -224,9 +226,9 @@ def tfds_dataset(name: str, split: str, *, data_dir: str = "", field: str = "tex
   except Exception as exc:  # TFDS raises many types (DatasetNotFoundError, AssertionError, ...).
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = data_dir or "the default data_dir"
-    raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: {first_line}") from exc
+    raise UserError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: {first_line}") from exc
   if len(source) == 0:
-    raise ValueError(f"TFDS dataset {name!r} split {split!r} has no documents")
+    raise UserError(f"TFDS dataset {name!r} split {split!r} has no documents")
   read = _field_reader(name, field)
   read(source[0])  # a wrong field name fails now, not at the first training step
   return grain.MapDataset.source(source).map(read)
@@ -235,7 +237,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: str = "", field: str = "tex
 def _field_reader(name: str, field: str) -> Callable[[dict], str]:
   def read(record: dict) -> str:
     if field not in record:
-      raise ValueError(
+      raise UserError(
           f"TFDS dataset {name!r} has no feature {field!r} (features: {sorted(record)}); set data.tfds_field"
       )
     value = record[field]

@@ -28,6 +28,8 @@ import pathlib
 import tempfile
 from typing import Iterable
 
+from ministral_jax.errors import UserError
+
 # Input cap: a few MB trains in seconds on 2 cores and is plenty for <=8K pieces.
 MAX_TRAIN_CHARS = 4_000_000
 # SentencePiece drops longer sentences; minified or data lines are not worth learning from.
@@ -81,19 +83,19 @@ def _train_bytes(sentences: list[str], vocab_size: int) -> bytes:
         num_threads=min(2, os.cpu_count() or 1), minloglevel=2, **_TRAINER_OPTIONS,
     )
   except RuntimeError as exc:
-    raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: {exc}") from exc
+    raise UserError(f"SentencePiece training with vocab_size={vocab_size} failed: {exc}") from exc
   return model.getvalue()
 
 
 def train_or_load(documents: Iterable[str], vocab_size: int, cache_dir: str | os.PathLike[str]) -> pathlib.Path:
   """Path of a SentencePiece model trained on `documents`, training it only if no cached copy exists."""
   if vocab_size < MIN_VOCAB_SIZE:
-    raise ValueError(
+    raise UserError(
         f"spm_vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use at least {MIN_VOCAB_SIZE}"
     )
   sentences = training_sentences(documents)
   if not sentences:
-    raise ValueError("cannot train a SentencePiece model: the training documents contain no text")
+    raise UserError("cannot train a SentencePiece model: the training documents contain no text")
   cache_dir = pathlib.Path(cache_dir)
   path = cache_dir / f"spm_{vocab_size}_{_fingerprint(sentences, vocab_size)}.model"
   if path.is_file():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -43,6 +44,8 @@ import os
 import pathlib
 import re
 from typing import Iterable, Literal, Mapping, Sequence
+
+from ministral_jax.errors import UserError
 
 Kind = Literal["sentencepiece", "tekken"]
 
@@ -109,7 +112,7 @@ class Tokenizer(abc.ABC):
     try:
       return self.special_tokens[name]
     except KeyError:
-      raise ValueError(_missing_token_message(name, self)) from None
+      raise UserError(_missing_token_message(name, self)) from None
 
   def is_special(self, token_id: int) -> bool:
     """Lets callers (loss masks, samplers) treat control ids uniformly across file kinds."""
@@ -150,10 +153,15 @@ class Tokenizer(abc.ABC):
   def _check_ids(self, ids: Sequence[int]) -> None:
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
-      raise ValueError(f"token ids {bad[:8]} are outside [0, {self.vocab_size}) for tokenizer {self.path.name}")
+      raise UserError(f"token ids {bad[:8]} are outside [0, {self.vocab_size}) for tokenizer {self.path.name}")
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+  def identity(self) -> dict[str, object]:
+    """What a checkpoint records about the tokenizer it was trained with (see `check_same`)."""
+    return {"kind": self.kind, "source": str(self.path), "sha256": file_sha256(self.path),
+            "vocab_size": self.vocab_size}
 
 
 class SpmTokenizer(Tokenizer):
@@ -218,7 +226,7 @@ def _check_rank_order(table: Mapping[str, int], path: pathlib.Path) -> None:
   a file where the two differ would decode to the wrong token names."""
   for position, (name, rank) in enumerate(table.items()):
     if position != rank:
-      raise ValueError(
+      raise UserError(
           f"{path}: special_tokens must be listed in rank order 0..N-1 with unique names; "
           f"{name!r} sits at position {position} but has rank {rank}"
       )
@@ -227,7 +235,7 @@ def _check_rank_order(table: Mapping[str, int], path: pathlib.Path) -> None:
 def _mistral_common_data_dir() -> pathlib.Path:
   spec = importlib.util.find_spec("mistral_common")
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError("mistral-common is not installed; the bundled tokenizer files ship inside its wheel")
+    raise UserError("mistral-common is not installed; the bundled tokenizer files ship inside its wheel")
   return pathlib.Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
@@ -238,10 +246,10 @@ def _bundled_names() -> str:
 def bundled_tokenizer_path(name: str) -> pathlib.Path:
   """Path of a tokenizer file shipped in the installed mistral-common wheel (no download)."""
   if name not in BUNDLED_FILES:
-    raise ValueError(f"unknown bundled tokenizer {name!r}; bundled names: {_bundled_names()}")
+    raise UserError(f"unknown bundled tokenizer {name!r}; bundled names: {_bundled_names()}")
   path = _mistral_common_data_dir() / BUNDLED_FILES[name]
   if not path.is_file():
-    raise ValueError(
+    raise UserError(
         f"bundled tokenizer {name!r} should be at {path} but the installed mistral-common has no such file; "
         f"bundled names: {_bundled_names()}"
     )
@@ -256,7 +264,7 @@ def _resolve(spec: str | os.PathLike[str]) -> pathlib.Path:
   if path.is_file():
     return path
   what = "no such tokenizer file" if path.suffix or os.sep in str(spec) else "unknown bundled tokenizer"
-  raise ValueError(f"{what} {str(spec)!r}; pass a file path or one of the bundled names: {_bundled_names()}")
+  raise UserError(f"{what} {str(spec)!r}; pass a file path or one of the bundled names: {_bundled_names()}")
 
 
 def _kind_of(path: pathlib.Path) -> Kind:
@@ -264,7 +272,7 @@ def _kind_of(path: pathlib.Path) -> Kind:
     return "tekken"
   if _SPM_SUFFIX.search(path.name):
     return "sentencepiece"
-  raise ValueError(
+  raise UserError(
       f"cannot tell the tokenizer type of {path}: expected a Tekken '*.json' or a SentencePiece "
       f"'*.model' / '*.model.vN' file; bundled names: {_bundled_names()}"
   )
@@ -283,9 +291,9 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
     tokenizer = cls(path)
     tokenizer.special_tokens  # noqa: B018 - validate the table now, not at first use
   except ValueError as exc:
-    raise ValueError(f"could not load tokenizer {path}: {exc}; bundled names: {_bundled_names()}") from exc
+    raise UserError(f"could not load tokenizer {path}: {exc}; bundled names: {_bundled_names()}") from exc
   except (OSError, RuntimeError, KeyError, TypeError, AssertionError, json.JSONDecodeError) as exc:
-    raise ValueError(
+    raise UserError(
         f"could not load tokenizer {path}: {type(exc).__name__}: {exc}; bundled names: {_bundled_names()}"
     ) from exc
   return tokenizer
@@ -326,8 +334,43 @@ def _missing_token_message(name: str, tokenizer: Tokenizer) -> str:
 def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Fail before training: ids past the embedding table would index out of bounds (silently clamped under jit)."""
   if tokenizer.vocab_size > model_vocab_size:
-    raise ValueError(
+    raise UserError(
         f"tokenizer {tokenizer.path.name} has {tokenizer.vocab_size} ids but the model's embedding has only "
         f"{model_vocab_size} rows; set the model config's vocab_size to at least {tokenizer.vocab_size} "
         f"or use a tokenizer with at most {model_vocab_size} ids"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # part of the cache key only
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+  stat = os.stat(path)
+  return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def check_same(expected: Mapping[str, object] | None, actual: Mapping[str, object], expected_what: str,
+               actual_what: str) -> None:
+  """Two tokenizers are the same when their files are byte-identical (same hash), whatever their paths.
+
+  `expected` is what a checkpoint recorded; None (a checkpoint from elsewhere, e.g. a Hugging Face
+  directory) cannot be checked and passes.
+  """
+  if expected is None:
+    return
+  if expected.get("sha256") == actual.get("sha256") and expected.get("vocab_size") == actual.get("vocab_size"):
+    return
+  raise UserError(
+      f"tokenizer mismatch: {expected_what} was made with {expected.get('kind')} tokenizer "
+      f"{expected.get('source')} ({expected.get('vocab_size')} ids, sha256 {str(expected.get('sha256'))[:12]}), "
+      f"but {actual_what} uses {actual.get('kind')} tokenizer {actual.get('source')} ({actual.get('vocab_size')} "
+      f"ids, sha256 {str(actual.get('sha256'))[:12]}). Token ids would mean different things; use the tokenizer "
+      "the checkpoint was trained with (data.tokenizer=<its path>)."
+  )

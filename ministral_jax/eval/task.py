@@ -20,6 +20,7 @@ from etils import epath
 from ministral_jax import sharding
 from ministral_jax.checkpoint import convert
 from ministral_jax.data import pipeline, tokenizers
+from ministral_jax.errors import UserError
 from ministral_jax.train import pretrain
 
 
@@ -33,7 +34,7 @@ def mean_loss(loss_fn, params, batches, partitioner) -> dict[str, float]:
     loss_sum, n = loss_fn(params, partitioner.shard_batch(batch))
     total, count = total + float(loss_sum), count + float(n)
   if count == 0:
-    raise ValueError("The evaluation data produced no tokens.")
+    raise UserError("The evaluation data produced no tokens.")
   return {"loss": total / count, "perplexity": float(np.exp(total / count)), "tokens": int(count)}
 
 
@@ -62,7 +63,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   files = [f for f in cfg.eval.files.split(",") if f]
   for f in files:
     if not epath.Path(f).exists():
-      raise ValueError(f"eval.files names {f}, which does not exist.")
+      raise UserError(f"eval.files names {f}, which does not exist.")
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
   model_cfg = convert.load_config_any(path)
   tokenizer = pipeline.build_tokenizer(cfg.data, workdir)

@@ -21,6 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ministral_jax.errors import UserError
+
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
 _IMPLS: dict[str, AttentionFn] = {}
 
@@ -53,6 +55,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl,
                                         is_causal=causal and impl == "cudnn")
   if impl not in _IMPLS:
-    raise ValueError(f"Attention implementation '{impl}' is not available. Built in: 'auto', 'xla', "
+    raise UserError(f"Attention implementation '{impl}' is not available. Built in: 'auto', 'xla', "
                      f"'cudnn'; registered: {sorted(_IMPLS)} (see model/attention_kernels.py).")
   return _IMPLS[impl](q, k, v, mask, scale)

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from ministral_jax.errors import UserError
+
 ARCH_FIELDS = (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn",
     "norm_eps", "tie_embeddings", "rope_theta", "rope_scaling", "yarn_factor",
@@ -112,7 +114,7 @@ class ModelConfig:
       if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"Unknown model config field '{key}'.{hint} Known fields: {sorted(known)}")
+        raise UserError(f"Unknown model config field '{key}'.{hint} Known fields: {sorted(known)}")
     return cls(**dict(d))
 
   def mismatches(self, other: "ModelConfig") -> list[str]:
@@ -126,7 +128,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
   if not ok:
-    raise ValueError(f"Model config field '{field}' = {value!r} is invalid: it must be {expected}.")
+    raise UserError(f"Model config field '{field}' = {value!r} is invalid: it must be {expected}.")
 
 
 # --------------------------------------------------------------------------
@@ -186,7 +188,7 @@ PUBLISHED_PARAMS = {
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
   if name not in PRESETS:
-    raise ValueError(f"Unknown model preset '{name}'. Known presets: {sorted(PRESETS)}")
+    raise UserError(f"Unknown model preset '{name}'. Known presets: {sorted(PRESETS)}")
   return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 

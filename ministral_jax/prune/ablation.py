@@ -22,6 +22,7 @@ from etils import epath
 
 from ministral_jax import files
 from ministral_jax.checkpoint import convert
+from ministral_jax.errors import UserError
 from ministral_jax.eval import task as eval_task
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, pruner, rewrite, scorers
@@ -62,7 +63,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner=None) -> dict:
   state_file = out / "ablation.json"
   state = json.loads(state_file.read_text()) if state_file.exists() else {}
   if state and state.get("job") != json.loads(json.dumps(job.identity)):
-    raise ValueError(f"{state_file} belongs to a different ablation. Use a new --workdir.")
+    raise UserError(f"{state_file} belongs to a different ablation. Use a new --workdir.")
   state.setdefault("job", job.identity)
   state.setdefault("rows", {})
   params, parent_cfg = convert.load_any(cfg.prune.parent, job.partitioner)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ministral_jax import sharding
+from ministral_jax.errors import UserError
 from ministral_jax.model import layers as model_layers
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig
@@ -61,7 +62,7 @@ def batch_stats(params: Any, cfg: ModelConfig, batch: dict, wanted: Iterable[str
   wanted = frozenset(wanted)
   unknown = wanted - set(STATS)
   if unknown:
-    raise ValueError(f"Unknown calibration statistics {sorted(unknown)}; known: {STATS}.")
+    raise UserError(f"Unknown calibration statistics {sorted(unknown)}; known: {STATS}.")
   dt = jnp.dtype(cfg.dtype)
   tokens, positions, segments = batch["inputs"], batch["positions"], batch["segment_ids"]
   w = (segments != 0).astype(jnp.float32)  # [batch, seq]
@@ -130,6 +131,6 @@ def calibrate(params: Any, cfg: ModelConfig, batches: Iterable[dict], partitione
       batch = partitioner.shard_batch({k: batch[k] for k in ("inputs", "positions", "segment_ids")})
       stats = first(params, batch) if stats is None else step(stats, params, batch)
   if stats is None or float(stats["tokens"]) == 0:
-    raise ValueError("The calibration data produced no tokens. Point config.data at a non-empty corpus "
+    raise UserError("The calibration data produced no tokens. Point config.data at a non-empty corpus "
                      "(or raise prune.calibration_batches).")
   return {k: np.asarray(v) for k, v in jax.device_get(stats).items()}

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from ministral_jax import sharding
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, rewrite, scorers
 
@@ -100,7 +101,7 @@ def check(parent: ModelConfig, target: ModelConfig, pcfg: ml_collections.ConfigD
       problems.append(f"{field}: the target ({want}) is smaller than the parent ({have}) but step "
                       f"{step!r} is not in prune.order={pcfg.order!r}")
   if problems:
-    raise ValueError("Cannot prune to this target:\n  " + "\n  ".join(problems))
+    raise UserError("Cannot prune to this target:\n  " + "\n  ".join(problems))
 
 
 @dataclasses.dataclass

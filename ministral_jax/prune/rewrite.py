@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import rotate
 
@@ -65,7 +66,7 @@ def untie_embeddings(params: Any) -> dict:
 def tie_embeddings(params: Any, tie_init: str) -> dict:
   """An untied model as a tied one (see the module docstring for `tie_init`)."""
   if tie_init not in TIE_INITS:
-    raise ValueError(f"prune.tie_init={tie_init!r} is not one of {TIE_INITS}.")
+    raise UserError(f"prune.tie_init={tie_init!r} is not one of {TIE_INITS}.")
   f32 = jnp.float32
   emb = params["tok_embeddings"].astype(f32)  # E [vocab, d]
   head_t = (params["norm"]["scale"][:, None].astype(f32) * params["output"].astype(f32)).T  # A^T [vocab, d]

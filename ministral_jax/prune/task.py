@@ -36,6 +36,7 @@ from etils import epath
 from ministral_jax import sharding
 from ministral_jax.checkpoint import convert, orbax_io
 from ministral_jax.data import pipeline, tokenizers
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig, param_count
 from ministral_jax.prune import pruner
 
@@ -59,7 +60,7 @@ def calibration_batches(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.To
   """The same seeded sample of the train split at every call (re-calibration reads it again)."""
   pcfg = cfg.prune
   if pcfg.calibration_batch_size % jax.process_count():
-    raise ValueError(f"prune.calibration_batch_size={pcfg.calibration_batch_size} must divide over "
+    raise UserError(f"prune.calibration_batch_size={pcfg.calibration_batch_size} must divide over "
                      f"{jax.process_count()} processes.")
 
   def batches() -> Iterable[dict]:
@@ -73,7 +74,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.
   """Every check, before any weight is read."""
   path = cfg.prune.parent
   if not path or not epath.Path(path).exists():
-    raise ValueError(f"prune.parent={path!r} does not exist. Point it at an orbax params, HF or "
+    raise UserError(f"prune.parent={path!r} does not exist. Point it at an orbax params, HF or "
                      "Mistral-native checkpoint directory (e.g. a pretraining run's <workdir>/params).")
   parent_cfg = convert.load_config_any(path)
   target = ModelConfig.from_dict(cfg.model)
@@ -87,7 +88,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.
   batches = calibration_batches(cfg, tokenizer)
   first = next(iter(batches()), None)
   if first is None or not np.any(first["segment_ids"] != 0):
-    raise ValueError("The calibration data is empty: config.data gave no tokens. Point it at a non-empty corpus.")
+    raise UserError("The calibration data is empty: config.data gave no tokens. Point it at a non-empty corpus.")
   identity = {"parent": str(path), "target": target.arch_dict(), "prune": cfg.prune.to_dict(),
               "data": cfg.data.to_dict()}
   return Job(parent_cfg, target, partitioner, tokenizer, batches, identity)
@@ -98,11 +99,11 @@ def _existing(out: epath.Path, identity: dict) -> dict | None:
   if not out.exists():
     return None
   if not (out / REPORT_FILE).exists():
-    raise ValueError(f"{out} exists but holds no {REPORT_FILE}: it is not a prune result. Use a new --workdir.")
+    raise UserError(f"{out} exists but holds no {REPORT_FILE}: it is not a prune result. Use a new --workdir.")
   report = json.loads((out / REPORT_FILE).read_text())
   diff = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != report.get("job", {}).get(k))
   if diff:
-    raise ValueError(f"{out} holds the child of a different prune job (differs in: {', '.join(diff)}). "
+    raise UserError(f"{out} holds the child of a different prune job (differs in: {', '.join(diff)}). "
                      "Use a new --workdir, or the config that wrote it.")
   return report
 

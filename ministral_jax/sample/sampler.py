@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig
 
@@ -23,7 +24,7 @@ from ministral_jax.model.config import ModelConfig
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads token lists into `[batch, max_len]` and returns their lengths."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("Every prompt needs at least one token (e.g. BOS).")
+    raise UserError("Every prompt needs at least one token (e.g. BOS).")
   lengths = np.array([len(p) for p in prompts], np.int32)
   tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
   for i, p in enumerate(prompts):
@@ -87,7 +88,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
   eos = cfg.eos_id if eos_id is None else eos_id
   tokens, lengths = pad_prompts(prompts, cfg.pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f"Prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+    raise UserError(f"Prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
                      f"model's max_seq_len {cfg.max_seq_len}.")
   rng = jax.random.key(0) if rng is None else rng
   out = np.asarray(_generate(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), rng,

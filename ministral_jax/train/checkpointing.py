@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 
 
@@ -59,7 +60,7 @@ def _own(data: dict) -> dict:
   """This process's iterator state out of a `data` item."""
   states = data["processes"]
   if len(states) != jax.process_count():
-    raise ValueError(f"The checkpoint holds the data streams of {len(states)} processes, this job has "
+    raise UserError(f"The checkpoint holds the data streams of {len(states)} processes, this job has "
                      f"{jax.process_count()}; the input pipeline cannot resume on another process count.")
   return states[jax.process_index()]
 
@@ -73,7 +74,7 @@ def check_same_experiment(mngr: ocp.CheckpointManager, step: int, model_cfg: Mod
   if meta.get("task") != task:
     problems.append(f"task: {meta.get('task')!r} != {task!r}")
   if problems:
-    raise ValueError(f"Workdir {workdir} holds checkpoints of a different experiment (step {step}):\n  "
+    raise UserError(f"Workdir {workdir} holds checkpoints of a different experiment (step {step}):\n  "
                      + "\n  ".join(problems) + "\nUse a new --workdir, or the config that wrote these.")
 
 
@@ -93,5 +94,5 @@ def latest_data_state(workdir: str) -> dict:
   with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data", "meta")) as mngr:
     step = mngr.latest_step()
     if step is None:
-      raise ValueError(f"{workdir} holds no training checkpoint.")
+      raise UserError(f"{workdir} holds no training checkpoint.")
     return _own(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])

@@ -16,6 +16,7 @@ import ml_collections
 from etils import epath
 
 from ministral_jax.checkpoint import convert
+from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.train import loop, losses, pretrain
 from ministral_jax.train.pretrain import hidden_and_head, token_mask
@@ -37,16 +38,16 @@ def distill_config(teacher: str = "") -> ml_collections.ConfigDict:
 def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, partitioner):
   path = cfg.distill.teacher
   if not path or not epath.Path(path).exists():
-    raise ValueError(f"distill.teacher={path!r} does not exist. Point it at an orbax, HF or Mistral-native "
+    raise UserError(f"distill.teacher={path!r} does not exist. Point it at an orbax, HF or Mistral-native "
                      "checkpoint directory (e.g. the parent's <workdir>/params).")
   teacher_cfg = convert.load_config_any(path)
   if cfg.distill.teacher_dtype:
     teacher_cfg = teacher_cfg.replace(dtype=cfg.distill.teacher_dtype)
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
-    raise ValueError(f"The teacher's vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
+    raise UserError(f"The teacher's vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
                      f"({student_cfg.vocab_size}); logit distillation needs the same tokenizer.")
   if cfg.distill.teacher_context not in ("own", "student"):
-    raise ValueError(f"distill.teacher_context={cfg.distill.teacher_context!r} must be 'own' or 'student'.")
+    raise UserError(f"distill.teacher_context={cfg.distill.teacher_context!r} must be 'own' or 'student'.")
   if cfg.distill.teacher_context == "student":
     teacher_cfg = teacher_cfg.replace(**{k: getattr(student_cfg, k) for k in CONTEXT_FIELDS})
   return convert.load_or_init(path, teacher_cfg, partitioner, seed=0, allow_rope_change=True)

@@ -30,6 +30,7 @@ from flax import struct
 from ministral_jax import sharding
 from ministral_jax.checkpoint import convert, orbax_io
 from ministral_jax.data import pipeline, tokenizers
+from ministral_jax.errors import UserError
 from ministral_jax.model import config as model_config
 from ministral_jax.model import transformer
 from ministral_jax.train import checkpointing, metrics, optimizer
@@ -71,7 +72,7 @@ def _check_batching(cfg: ml_collections.ConfigDict, partitioner: sharding.Partit
   t = cfg.train
   partitioner.check_batch(t.global_batch)
   if t.global_batch % t.grad_accum or (t.global_batch // t.grad_accum) % jax.process_count():
-    raise ValueError(f"train.global_batch={t.global_batch} must split into train.grad_accum={t.grad_accum} "
+    raise UserError(f"train.global_batch={t.global_batch} must split into train.grad_accum={t.grad_accum} "
                      f"microbatches, each divisible by the {jax.process_count()} processes.")
   partitioner.check_batch(t.global_batch // t.grad_accum)
 
@@ -221,7 +222,7 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
   for step in range(int(state.step) + 1, t.steps + 1):
     batch = next(data, None)
     if batch is None:
-      raise ValueError(f"The training data ran out at step {step} of {t.steps}: data.epochs={cfg.data.epochs} "
+      raise UserError(f"The training data ran out at step {step} of {t.steps}: data.epochs={cfg.data.epochs} "
                        f"pass(es) from document {cfg.data.start_document} on. Lower train.steps or raise "
                        "data.epochs (0 repeats forever).")
     state, out = step_fn(state, partitioner.shard_batch(batch), task.frozen)
@@ -247,6 +248,6 @@ def evaluate(eval_fn, params, frozen, cfg, tokenizer, partitioner) -> dict[str, 
     loss_sum, n = eval_fn(params, partitioner.shard_batch(batch), frozen)
     total, count = total + float(loss_sum), count + float(n)
   if count == 0:
-    raise ValueError("The eval split produced no tokens; check data.eval_paths / the eval split.")
+    raise UserError("The eval split produced no tokens; check data.eval_paths / the eval split.")
   return {"eval_loss": total / count, "eval_ppl": float(np.exp(total / count))}
 

@@ -42,6 +42,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ministral_jax.errors import UserError
+
 # Masked logits: exp() of them underflows to exactly 0. They are finite, not
 # -inf, so that the KD gap's (z_t - z_s) at a masked column is 0 rather than
 # inf - inf = nan. The running max starts lower still.
@@ -229,14 +231,14 @@ def _check(hidden: jax.Array, head: jax.Array, who: str, seq_chunk: int, vocab_c
   if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[2] != head.shape[0]:
     raise ValueError(f"{who} hidden {hidden.shape} and head {head.shape} must be [B, T, D] and [D, V].")
   if seq_chunk < 1 or vocab_chunk < 1:
-    raise ValueError(f"seq_chunk={seq_chunk} and vocab_chunk={vocab_chunk} must be positive.")
+    raise UserError(f"seq_chunk={seq_chunk} and vocab_chunk={vocab_chunk} must be positive.")
 
 
 def _check_teacher(s_hidden, s_head, t_hidden, t_head, seq_chunk: int, vocab_chunk: int) -> None:
   _check(s_hidden, s_head, "Student", seq_chunk, vocab_chunk)
   _check(t_hidden, t_head, "Teacher", seq_chunk, vocab_chunk)
   if s_head.shape[1] != t_head.shape[1]:
-    raise ValueError(f"Student vocabulary ({s_head.shape[1]}) != teacher vocabulary ({t_head.shape[1]}): "
+    raise UserError(f"Student vocabulary ({s_head.shape[1]}) != teacher vocabulary ({t_head.shape[1]}): "
                      "logit distillation needs one tokenizer.")
   if s_hidden.shape[:2] != t_hidden.shape[:2]:
     raise ValueError(f"Student tokens {s_hidden.shape[:2]} != teacher tokens {t_hidden.shape[:2]}.")
@@ -245,7 +247,7 @@ def _check_teacher(s_hidden, s_head, t_hidden, t_head, seq_chunk: int, vocab_chu
 def t2_scale(temperature: float, scale_by_t2: bool = True) -> float:
   """The factor on the KL: T^2 (Hinton et al. 2015) unless `scale_by_t2` is False; 1 at T = 1."""
   if temperature <= 0:
-    raise ValueError(f"temperature={temperature} must be positive.")
+    raise UserError(f"temperature={temperature} must be positive.")
   return float(temperature) ** 2 if scale_by_t2 else 1.0
 
 

@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import optax
 
+from ministral_jax.errors import UserError
+
 
 def optimizer_config(lr: float = 3e-4, schedule: str = "cosine") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -39,7 +41,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
         [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
          optax.linear_schedule(peak, floor, decay)],
         [warmup, warmup + stable])
-  raise ValueError(f"Unknown optimizer.schedule '{cfg.schedule}'; use 'cosine', 'wsd' or 'constant'.")
+  raise UserError(f"Unknown optimizer.schedule '{cfg.schedule}'; use 'cosine', 'wsd' or 'constant'.")
 
 
 def _decay_mask(params: Any) -> Any:
