@@ -24,7 +24,8 @@ class UserError(ValueError):
 class Preempted(RuntimeError):
   """The job saved its state after a termination signal and stopped before finishing."""
 
-  def __init__(self, workdir: str, step: int):
-    super().__init__(f"Preempted: {workdir} saved step {step} and stopped before finishing; run the same "
-                     "command again to continue from there.")
+  def __init__(self, workdir: str, step: int | None = None):
+    saved = f" after saving step {step}" if step is not None else ""
+    super().__init__(f"Preempted: {workdir} stopped{saved} before finishing (exit status {EXIT_PREEMPTED}); run "
+                     "the same command again to continue from there.")
     self.workdir, self.step = workdir, step

@@ -6,6 +6,7 @@ Code that crosses a boundary where a kill must be survivable calls
     MINISTRAL_JAX_FAULT=loop.after_final_checkpoint        SIGKILL at its 1st crossing
     MINISTRAL_JAX_FAULT=params.before_commit:3             SIGKILL at its 3rd crossing
     MINISTRAL_JAX_FAULT=params.before_commit:1:enospc      raise OSError(ENOSPC) instead (a full disk)
+    MINISTRAL_JAX_FAULT=loop.after_step:5:sigterm          send SIGTERM instead (a preemption notice)
 
 A kill here is SIGKILL to the process itself: no handler, no cleanup, exactly
 what a preempted VM or the OOM killer does. The points are listed in `POINTS`
@@ -20,7 +21,7 @@ import signal
 
 ENV = "MINISTRAL_JAX_FAULT"
 POINTS = (
-    "loop.after_first_step",         # before the first checkpoint exists
+    "loop.after_step",               # a training step done (":1": before any checkpoint exists)
     "checkpoint.save_started",       # an async training checkpoint is being written
     "loop.after_final_checkpoint",   # the last checkpoint committed, <workdir>/params not yet written
     "params.before_commit",          # <workdir>/params fully written under its temporary name
@@ -43,4 +44,4 @@ def point(name: str) -> None:
     return
   if action == "enospc":
     raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
-  os.kill(os.getpid(), signal.SIGKILL)
+  os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGKILL)

@@ -3,16 +3,15 @@ and the paper's real-size recipe built stage by stage without weights."""
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from ministral_jax import configs, sharding
+from ministral_jax import configs, faults, sharding
 from ministral_jax.cascade import task as cascade
 from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
@@ -26,8 +25,9 @@ def _config(name, arg=""):
   return configs.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
-def _start(workdir, *extra):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+def _start(workdir, *extra, env=None):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+         **(env or {})}
   return subprocess.Popen([sys.executable, "-m", "ministral_jax.main", "--config=configs/cascade_tiny.py:quick",
                            f"--workdir={workdir}", f"--config.eval.files={EXTRA_EVAL}", *extra], cwd=REPO, env=env,
                           stdout=subprocess.PIPE,
@@ -43,12 +43,14 @@ def _finish(proc):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cascade")
-  out = _finish(_start(workdir))
-  return workdir, out
+  proc = _start(workdir)
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-4000:]
+  return workdir, out, err
 
 
 def test_quick_cascade_writes_the_report_table_and_plot(quick):
-  workdir, out = quick
+  workdir, out, err = quick
   report = json.loads((workdir / "report.json").read_text())
   rows = report["rows"]
   assert list(rows) == ["parent", "child_a (pruned, before distillation)", "child_a/short", "child_a/long",
@@ -63,10 +65,15 @@ def test_quick_cascade_writes_the_report_table_and_plot(quick):
   assert "| child_b/short | 1 | 48 | 64 |" in md and "from-scratch baseline" in md
   assert (workdir / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "[cascade 3/8 child_a/short] step 10:" in out and "tokens_seen=5120" in out and "eta_min" in out
+  assert "total_eta_min" in out  # the whole cascade's, not just the job's
+  # A quiet console: our progress lines, the prune summaries and the report; no library log lines at all.
+  assert err == "", err[:2000]
+  assert all(line.startswith(("[cascade ", "|", "Parameters", "Wrote ", "#", "Parent:", "- ")) or not line.strip()
+             for line in out.splitlines()), out
 
 
 def test_one_data_stream_no_document_is_trained_on_twice(quick):
-  workdir, _ = quick
+  workdir, *_ = quick
   starts = [_data_state(workdir / job) for job in ("parent", "child_a/short", "child_a/long", "child_b/short")]
   windows = [(s["pipeline"]["start_document"], s["pipeline"]["start_document"] + s["documents_read"]) for s in starts]
   for (_, end), (start, _) in zip(windows, windows[1:]):
@@ -81,28 +88,39 @@ def _data_state(job_dir):
   return checkpointing.latest_data_state(str(job_dir))
 
 
-def test_killed_cascade_resumes_and_ends_with_the_same_result(quick, tmp_path):
-  workdir, _ = quick
-  proc = _start(tmp_path)
-  deadline = time.time() + 600
-  metrics = tmp_path / "parent" / "metrics.jsonl"
-  while time.time() < deadline:  # kill it mid-parent, after its step-10 checkpoint
-    if metrics.exists() and any(json.loads(l)["step"] >= 12 for l in metrics.read_text().splitlines() if l):
-      break
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
+# One fault per run, at each phase boundary of the cascade's jobs; every re-run of the same command continues.
+KILL_CHAIN = [
+    ("loop.after_step:5:sigterm", 75),           # the parent preempted mid-job: it saves, the cascade stops
+    ("checkpoint.save_started:2", -9),           # during the parent's step-20 save
+    ("loop.after_final_checkpoint:1", -9),       # the parent's last checkpoint committed, its params/ not written
+    ("prune.after_calibration:1", -9),           # inside child_a's pruning pass
+    ("cascade.between_jobs:2", -9),              # child_a pruned, child_a/short not started
+    ("params.before_commit:1", -9),              # child_a/short's params/ complete under its temporary name
+    ("params.before_commit:1:enospc", 2),        # the disk fills while child_a/short's params/ is written
+    ("loop.after_step:1:sigterm", 75),           # child_a/long preempted after its first step
+]
+
+
+def test_killed_at_every_phase_boundary_the_cascade_resumes_to_the_same_result(quick, tmp_path):
+  workdir, *_ = quick
+  for fault, status in KILL_CHAIN:
+    proc = _start(tmp_path, env={faults.ENV: fault})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == status, (fault, err[-3000:])
+    assert not (tmp_path / "report.json").exists()
+    if status == 75:
+      assert "Preempted" in err and "Traceback" not in err
   out = _finish(_start(tmp_path))
-  assert "[cascade 1/8 parent]" in out  # resumed the unfinished job, not started over elsewhere
+  assert "[cascade 4/8 child_a/long]" in out and "[cascade 1/8 parent]" not in out  # resumed, not restarted
   assert json.loads((tmp_path / "report.json").read_text()) == json.loads((workdir / "report.json").read_text())
-  a, _ = orbax_io.load_params(tmp_path / "child_b" / "short" / "params")
-  b, _ = orbax_io.load_params(workdir / "child_b" / "short" / "params")
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  for job in ("parent", "child_a/short", "child_a/long", "child_b/short", "baseline_child_b"):
+    a, _ = orbax_io.load_params(tmp_path / job / "params")
+    b, _ = orbax_io.load_params(workdir / job / "params")
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 def test_running_again_finds_every_job_done(quick):
-  workdir, _ = quick
+  workdir, *_ = quick
   stamp = (workdir / "child_a" / "short" / "params" / "model_config.json").stat().st_mtime_ns
   out = _finish(_start(workdir))
   assert "step " not in out  # nothing trained
@@ -115,6 +133,10 @@ def test_running_again_finds_every_job_done(quick):
     (lambda c: c.distill.update(teacher="/nonexistent/teacher"), "does not exist"),
     (lambda c: c.parent.update(checkpoint="/nonexistent/parent"), "does not exist"),
     (lambda c: c.update(stages=[]), "stages is empty"),
+    (lambda c: c.stages[1].update(short_steps=0), r"short_steps=0 must be >= 1"),
+    (lambda c: c.parent.update(steps=0), r"parent\.steps=0"),
+    (lambda c: c.distill_optimizer.update(lr=0.0), r"optimizer\.lr=0\.0"),
+    (lambda c: c.long.update(seq_len=32), r"long\.seq_len=32 must exceed"),
 ])
 def test_bad_cascade_config_is_one_clear_error_before_any_work(tmp_path, change, message):
   cfg = _config("cascade_tiny", "quick")
@@ -124,8 +146,25 @@ def test_bad_cascade_config_is_one_clear_error_before_any_work(tmp_path, change,
   assert not (tmp_path / "w").exists()
 
 
+def test_an_eval_file_added_to_a_finished_cascade_is_scored_for_every_model(quick, tmp_path, capsys):
+  workdir, *_ = quick
+  copy = tmp_path / "cascade"
+  shutil.copytree(workdir, copy)
+  notes = tmp_path / "notes.txt"
+  notes.write_text("def area(r):\n    return 3.14159 * r * r\n\nprint(area(2.0))\n")
+  cfg = _config("cascade_tiny", "quick")
+  cfg.eval.files = f"{EXTRA_EVAL},{notes}"
+  cfg.train.log_every = 5  # how a run logs is not part of the experiment either
+  before = json.loads((copy / "report.json").read_text())["rows"]
+  rows = cascade.run(cfg, str(copy))["rows"]
+  for name, row in rows.items():
+    assert np.isfinite(row["loss"][str(notes)])
+    assert row["loss"]["eval_split"] == before[name]["loss"]["eval_split"]  # the others are not recomputed
+  assert "step " not in capsys.readouterr().out  # no job trained again
+
+
 def test_a_workdir_holding_a_different_experiment_is_refused(quick, tmp_path):
-  workdir, _ = quick
+  workdir, *_ = quick
   cfg = _config("cascade_tiny", "quick")
   cfg.eval.files = EXTRA_EVAL
   cfg.stages[0].short_steps = 11

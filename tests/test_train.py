@@ -2,7 +2,7 @@
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ministral_jax import configs, sharding
+from ministral_jax import configs, faults, sharding
 from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
 from ministral_jax.train import distill
@@ -29,8 +29,9 @@ TINY_RUN = [  # a few seconds of training per run: 1 layer, 32 tokens, 16 steps
 HISTORY_KEYS = ("step", "loss", "grad_norm", "update_norm", "lr", "eval_loss")
 
 
-def _start(workdir, *extra):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+def _start(workdir, *extra, env=None):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+         **(env or {})}
   return subprocess.Popen([sys.executable, "-m", "ministral_jax.main", *TINY_RUN, f"--workdir={workdir}",
                            "--config.mesh.data=2", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -75,18 +76,56 @@ def uninterrupted(straight_workdir):
   return _history(straight_workdir), _params(straight_workdir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_and_restarted_run_ends_bitwise_equal_to_an_uninterrupted_one(sig, uninterrupted, tmp_path):
+# Each run dies at one phase boundary (faults.py); the next run of the same command picks up from there.
+# (fault, exit status): SIGKILL is -9, a SIGTERM'd job saves and exits 75, a full disk is a clear error (2).
+KILL_CHAIN = [
+    ("loop.after_step:1", -9),                  # before the first checkpoint
+    ("loop.after_step:6:sigterm", 75),          # preempted between checkpoints: saves step 6
+    ("checkpoint.save_started:2", -9),          # during the step-12 save (the step-8 one committed)
+    ("loop.after_final_checkpoint:1", -9),      # the last checkpoint committed, params/ not yet written
+    ("params.before_commit:1:enospc", 2),       # the disk fills while params/ is written
+    ("params.before_commit:1", -9),             # killed with params/ complete under its temporary name
+]
+
+
+def test_killed_at_every_phase_boundary_a_rerun_ends_bitwise_equal_to_an_uninterrupted_run(uninterrupted, tmp_path):
   history, params = uninterrupted
-  proc = _start(tmp_path)
-  _wait_for_step(tmp_path, 6, proc)  # between checkpoints (every 4 steps)
-  proc.send_signal(sig)
-  proc.communicate(timeout=300)
-  if sig == signal.SIGTERM:  # a clean exit that saved the step it stopped at
-    assert proc.returncode == 0
-  _finish(_start(tmp_path))
+  for fault, status in KILL_CHAIN:
+    proc = _start(tmp_path, env={faults.ENV: fault})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, (fault, err[-3000:])
+    assert not (tmp_path / "params").exists(), fault
+    if status == 75:
+      assert "Preempted" in err and "run the same command again" in err
+    if status == 2:
+      assert "no space left on device" in err and "Traceback" not in err
+  out = _finish(_start(tmp_path))
+  assert "resumed from step 16 of 16" in out  # only params/ was left to write
   assert _history(tmp_path) == history
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(tmp_path))):
+    np.testing.assert_array_equal(a, b)
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "lock.json") == []
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+    straight_workdir, uninterrupted, tmp_path):
+  history, params = uninterrupted
+  run = tmp_path / "run"
+  shutil.copytree(straight_workdir, run)
+  shutil.rmtree(run / "params")  # unfinished: the re-run resumes from its newest checkpoint (step 16)
+  chunk = max((p for p in (run / "checkpoints" / "16" / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+              key=lambda p: p.stat().st_size)  # the largest tensor data file
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+  chunk.write_bytes(bytes(data))
+  proc = _start(run)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Training checkpoint step 16" in err and "damaged" in err and "damaged_checkpoints" in err
+  assert "resumed from step 12 of 16" in out
+  assert [p.name.split(".")[0] for p in (run / "damaged_checkpoints").iterdir()] == ["16"]
+  assert _history(run) == history
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(run))):
     np.testing.assert_array_equal(a, b)
 
 

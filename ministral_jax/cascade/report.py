@@ -51,16 +51,24 @@ def write(cfg: ml_collections.ConfigDict, root: epath.Path, plan: list, runs: di
   evals = json.loads(evals_file.read_text()) if evals_file.exists() else {}
 
   def evaluate(name: str, path: str, model: ModelConfig, batches: int | None = None) -> dict[str, float]:
+    """Every eval source the config names, computed once per model (an added eval file is computed for
+    each model on the next run; the others come from evals.json)."""
     key = f"{name}@{batches}"
-    if key not in evals:
+    done = evals.setdefault(key, {})
+    wanted = ["eval_split"] + [f for f in cfg.eval.files.split(",") if f]
+    missing = [w for w in wanted if w not in done] + ([f"eval_split@{long_len}"] if long_len and
+                                                      f"eval_split@{long_len}" not in done else [])
+    if missing:
       params, _ = convert.load_any(path, partitioner, model)
-      evals[key] = eval_task.evaluate(params, model, _eval_cfg(cfg, cfg.data.seq_len), tokenizer, partitioner,
-                                      batches)
-      if long_len:
-        evals[key][f"eval_split@{long_len}"] = eval_task.evaluate(
-            params, model, _eval_cfg(cfg, long_len), tokenizer, partitioner, batches)["eval_split"]
+      short_missing = [m for m in missing if not m.startswith("eval_split@")]
+      if short_missing:
+        done.update(eval_task.evaluate(params, model, _eval_cfg(cfg, cfg.data.seq_len), tokenizer, partitioner,
+                                       batches, only=short_missing))
+      if long_len and f"eval_split@{long_len}" in missing:
+        done[f"eval_split@{long_len}"] = eval_task.evaluate(
+            params, model, _eval_cfg(cfg, long_len), tokenizer, partitioner, batches, only=["eval_split"])["eval_split"]
       files.write_json(evals_file, evals)
-    return evals[key]
+    return {w: done[w] for w in wanted + ([f"eval_split@{long_len}"] if long_len else [])}
 
   parent = runs["parent"].model
   rows = [("parent", runs["parent"])]

@@ -17,7 +17,13 @@ the workdir, each resumable on its own:
 A job is done when its `params/` exists. Run the same command again and it
 skips the done jobs and resumes the first unfinished one from its last
 checkpoint, so a killed cascade ends with the result of one that never
-stopped. One data stream: every training job starts at the document where the
+stopped. After SIGTERM the running job saves and the cascade stops before the
+next one (exit status 75: not finished). The cascade's identity
+(`cascade.json`) is its config without how it runs, logs and evaluates
+(`RUN_FIELDS`): evaluation files can be added to a finished cascade, and its
+report then scores every model on them too. Progress lines carry the job
+(`[cascade 3/9 child57/short]`) and `total_eta_min`, the whole cascade's
+remaining time at the running job's measured FLOP/s. One data stream: every training job starts at the document where the
 job before it stopped (`data.start_document`), and `data.epochs` ends the
 stream rather than repeat an example. At the end: `report.md` (the table),
 `report.json` and `eval_loss.png` (eval loss against tokens).
@@ -34,17 +40,20 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from ministral_jax import files, sharding
+from ministral_jax import config_checks, faults, files, sharding, workdir_lock
 from ministral_jax.checkpoint import convert
 from ministral_jax.data import pipeline, tokenizers
-from ministral_jax.errors import UserError
-from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, param_count
+from ministral_jax.errors import Preempted, UserError
+from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, flops_per_token, param_count
 from ministral_jax.prune import pruner
 from ministral_jax.prune import task as prune_task
-from ministral_jax.train import checkpointing, distill, pretrain
+from ministral_jax.train import checkpointing, distill, preemption, pretrain
 
 IDENTITY_FILE = "cascade.json"
 _SHAPE = ("n_layers", "d_model", "d_ffn")
+# How the cascade runs, logs and is evaluated: not part of its identity, free to change on a re-run.
+RUN_FIELDS = ("mesh", "eval", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.async_checkpoints", "train.peak_flops_per_device")
 
 
 @dataclasses.dataclass
@@ -88,9 +97,15 @@ def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
   if not cfg.stages:
     raise UserError("config.stages is empty: name at least one child shape.")
   out, prev, problems = [], parent, []
+  if not cfg.parent.checkpoint and cfg.parent.steps < 1:
+    problems.append(f"parent.steps={cfg.parent.steps}: pretrain the parent for at least 1 step, or name "
+                    "parent.checkpoint")
   for i, s in enumerate(cfg.stages):
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or s.name == "parent" or s.name in [o.name for o in out]:
       problems.append(f"stages[{i}].name={s.name!r} must be unique, not 'parent', and path-safe")
+    if s.short_steps < 1 or s.long_steps < 0:
+      problems.append(f"stages[{i}] ({s.name}): short_steps={s.short_steps} must be >= 1 and long_steps="
+                      f"{s.long_steps} >= 0 (0: no long-context stage)")
     short = prev.replace(**s.model.to_dict())
     if any(getattr(short, f) > getattr(prev, f) for f in _SHAPE) or param_count(short) >= param_count(prev):
       problems.append(f"stages[{i}] ({s.name}): {'/'.join(str(getattr(short, f)) for f in _SHAPE)} is not smaller "
@@ -111,21 +126,33 @@ def stages(cfg: ml_collections.ConfigDict, parent: ModelConfig) -> list[Stage]:
 
 def check_identity(root: epath.Path, cfg: ml_collections.ConfigDict, write: bool) -> None:
   """A workdir holding another cascade is an error; the first run writes (`write`) this one's identity."""
-  identity = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "mesh"}  # any mesh may resume a run
+  identity = _identity(cfg)
   path = root / IDENTITY_FILE
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = _without_run_fields(json.loads(path.read_text()))
     diff = sorted(k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k))
     if diff:
       raise UserError(f"Workdir {root} holds a different cascade (its config differs in: {', '.join(diff)}). "
                        "Use a new --workdir, or the config that started it.")
     return
-  if root.exists() and any(root.iterdir()):
+  if root.exists() and any(p.name != workdir_lock.LOCK_FILE for p in root.iterdir()):
     raise UserError(f"Workdir {root} is not empty and holds no {IDENTITY_FILE}: it is not a cascade's. "
                      "Use a new --workdir.")
   if write:
     root.mkdir(parents=True, exist_ok=True)
     files.write_json(path, identity)
+
+
+def _without_run_fields(identity: dict) -> dict:
+  out = copy.deepcopy(identity)
+  for field in RUN_FIELDS:
+    block, _, key = field.rpartition(".")
+    (out.get(block, {}) if block else out).pop(key, None)
+  return out
+
+
+def _identity(cfg: ml_collections.ConfigDict) -> dict:
+  return _without_run_fields(json.loads(cfg.to_json()))
 
 
 @dataclasses.dataclass
@@ -139,15 +166,55 @@ class Run:
   workdir: str = ""
 
 
+def job_flops(cfg: ml_collections.ConfigDict, parent: ModelConfig, plan: list[Stage]) -> dict[str, float]:
+  """Every training job's matmul FLOPs, in the order they run (the ETA of the whole cascade)."""
+  short_tokens = cfg.train.global_batch * cfg.data.seq_len
+  out = {} if cfg.parent.checkpoint else {"parent": cfg.parent.steps * short_tokens * flops_per_token(
+      parent, cfg.data.seq_len)}
+  teachers = {"parent": parent}
+  prev = parent
+  for s in plan:
+    teacher = teachers.get(cfg.distill.teacher) or (prev if cfg.distill.teacher == "previous"
+                                                    else convert.load_config_any(cfg.distill.teacher))
+
+    def distill_flops(model: ModelConfig, seq_len: int) -> float:
+      return flops_per_token(model, seq_len) + flops_per_token(teacher, seq_len, backward=False)
+    out[f"{s.name}/short"] = s.short_steps * short_tokens * distill_flops(s.short, cfg.data.seq_len)
+    tokens = s.short_steps * short_tokens
+    if s.long:
+      long_tokens = s.long_steps * cfg.long.global_batch * cfg.long.seq_len
+      out[f"{s.name}/long"] = long_tokens * distill_flops(s.long, cfg.long.seq_len)
+      tokens += long_tokens
+    if cfg.baselines:
+      out[f"baseline_{s.name}"] = _baseline_steps(cfg, tokens) * short_tokens * flops_per_token(
+          s.short, cfg.data.seq_len)
+    prev = s.short
+  return out
+
+
+def _baseline_steps(cfg: ml_collections.ConfigDict, tokens: int) -> int:
+  return -(-tokens // (cfg.train.global_batch * cfg.data.seq_len))
+
+
 class Cascade:
   """Runs the jobs in order, skipping the done ones; tracks where the data stream is."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, root: epath.Path, n_jobs: int):
-    self.cfg, self.root, self.n_jobs, self.job = cfg, root, n_jobs, 0
+  def __init__(self, cfg: ml_collections.ConfigDict, root: epath.Path, n_jobs: int, flops: dict[str, float]):
+    self.cfg, self.root, self.n_jobs, self.job, self.flops = cfg, root, n_jobs, 0, flops
 
   def _prefix(self, name: str) -> str:
+    """Before each job: stop here if a SIGTERM came during the one before (it finished or saved)."""
+    if self.job:
+      faults.point("cascade.between_jobs")
+      if preemption.requested():
+        raise Preempted(str(self.root))
     self.job += 1
     return f"[cascade {self.job}/{self.n_jobs} {name}]"
+
+  def _flops_after(self, name: str) -> float:
+    names = list(self.flops)
+    return float(sum(self.flops[n] for n in names[names.index(name) + 1:]
+                     if not (self.root / n / "params").exists()))
 
   def train(self, name: str, task: str, model: ModelConfig, steps: int, start: int, *, seq_len: int,
             global_batch: int, optimizer: ml_collections.ConfigDict, init_from: str = "",
@@ -159,7 +226,7 @@ class Cascade:
                                    "optimizer": optimizer.to_dict()})
     c.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "start_document": start, "seq_len": seq_len})
     c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": steps, "global_batch": global_batch,
-                                         "log_prefix": self._prefix(name)})
+                                         "log_prefix": self._prefix(name), "flops_after": self._flops_after(name)})
     if task == "distill":
       c.distill = ml_collections.ConfigDict({**cfg.distill.to_dict(), "teacher": teacher,
                                              "teacher_context": teacher_context})
@@ -213,6 +280,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from ministral_jax.cascade import report  # matplotlib is imported only to write the report
 
   root = epath.Path(workdir)
+  config_checks.require(config_checks.workdir(workdir) + config_checks.train(cfg.train)
+                        + config_checks.optimizer(cfg.parent.optimizer) + config_checks.optimizer(cfg.distill_optimizer)
+                        + config_checks.data(cfg.data) + config_checks.loss(cfg.loss) + config_checks.distill(cfg.distill))
   parent, plan, partitioner = check(cfg, root)
   check_identity(root, cfg, write=True)
   cfg = copy.deepcopy(cfg)
@@ -220,7 +290,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg.data.tokenizer = str(pipeline.build_tokenizer(cfg.data, str(root)).path)
 
   n_jobs = (0 if cfg.parent.checkpoint else 1) + sum(2 + bool(s.long) for s in plan) + len(plan) * bool(cfg.baselines)
-  c = Cascade(cfg, root, n_jobs)
+  c = Cascade(cfg, root, n_jobs, job_flops(cfg, parent, plan))
   short = dict(seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch)
   if cfg.parent.checkpoint:
     runs, offset = {"parent": Run("parent", parent, cfg.parent.checkpoint, 0, 0)}, 0
@@ -245,8 +315,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           teacher_context="student")  # the teacher reads the long context with the child's YaRN too
       tokens = runs[f"{s.name}/long"].tokens = runs[f"{s.name}/long"].tokens + tokens  # both stages
     if cfg.baselines:  # the same shape from scratch, as many tokens, the same window of the data
-      steps = -(-tokens // (cfg.train.global_batch * cfg.data.seq_len))
-      runs[f"baseline_{s.name}"], _ = c.train(f"baseline_{s.name}", "pretrain", s.short, steps, window,
+      runs[f"baseline_{s.name}"], _ = c.train(f"baseline_{s.name}", "pretrain", s.short,
+                                              _baseline_steps(cfg, tokens), window,
                                               optimizer=cfg.parent.optimizer, **short)
     prev, prev_cfg = runs[f"{s.name}/short"].path, s.short
   return report.write(cfg, root, plan, runs, pruned, partitioner)

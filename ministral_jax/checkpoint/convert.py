@@ -6,11 +6,17 @@ Every path goes through our param tree, so any source converts to any target
 (`--to=native` also works). Orbax is imported only when used, so HF/native
 conversions need no orbax install. The destination is written atomically
 and never overwritten without `--overwrite`.
+
+Weights holding NaN or Inf (a damaged file, a diverged run) stop the
+conversion with the tensor named and nothing written, unless
+`--allow_non_finite`: a converted checkpoint should never be the place where
+damage becomes invisible.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from ministral_jax.checkpoint import hf, native, safetensors_io
-from ministral_jax.errors import UserError
+from ministral_jax.errors import EXIT_USER_ERROR, UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
 
@@ -28,9 +34,9 @@ FORMATS = ("hf", "native", "orbax")
 Params = dict[str, Any]
 
 
-def _load_orbax(path: str, dtype: str | None) -> tuple[Params, ModelConfig]:
+def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool) -> tuple[Params, ModelConfig]:
   from ministral_jax.checkpoint import orbax_io  # lazy: orbax is heavy and optional here
-  params, cfg = orbax_io.load_params(path)
+  params, cfg = orbax_io.load_params(path, allow_non_finite=allow_non_finite)
   if dtype is None:
     return params, cfg
   params = _cast(params, dtype)
@@ -44,21 +50,26 @@ def _cast(params: Params, dtype: str) -> Params:
           for k, v in params.items()}
 
 
-def _save_orbax(params: Params, cfg: ModelConfig, path: str, overwrite: bool, max_shard_bytes: int) -> None:
+def _save_orbax(params: Params, cfg: ModelConfig, path: str, overwrite: bool, max_shard_bytes: int,
+                allow_non_finite: bool, extra_metadata: dict[str, Any] | None = None) -> None:
   del max_shard_bytes  # orbax chunks on its own
   from ministral_jax.checkpoint import orbax_io
-  orbax_io.save_params(path, params, cfg, overwrite=overwrite)
+  orbax_io.save_params(path, params, cfg, overwrite=overwrite, allow_non_finite=allow_non_finite,
+                       extra_metadata=extra_metadata)
 
 
-LOADERS: dict[str, Callable[[str, str | None], tuple[Params, ModelConfig]]] = {
-    "hf": lambda path, dtype: hf.load_hf(path, dtype=dtype),
-    "native": lambda path, dtype: native.load_native(path, dtype=dtype),
+# (path, dtype, allow_non_finite) -> (params, config)
+LOADERS: dict[str, Callable[[str, str | None, bool], tuple[Params, ModelConfig]]] = {
+    "hf": lambda path, dtype, nf: hf.load_hf(path, dtype=dtype, allow_non_finite=nf),
+    "native": lambda path, dtype, nf: native.load_native(path, dtype=dtype, allow_non_finite=nf),
     "orbax": _load_orbax,
 }
-SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int], Any]] = {
-    "hf": lambda p, c, path, ow, shard: hf.save_hf(p, c, path, max_shard_bytes=shard, overwrite=ow),
-    "native": lambda p, c, path, ow, shard: native.save_native(p, c, path, max_shard_bytes=shard,
-                                                               overwrite=ow),
+# (params, config, path, overwrite, max_shard_bytes, allow_non_finite)
+SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int, bool], Any]] = {
+    "hf": lambda p, c, path, ow, shard, nf: hf.save_hf(p, c, path, max_shard_bytes=shard, overwrite=ow,
+                                                       allow_non_finite=nf),
+    "native": lambda p, c, path, ow, shard, nf: native.save_native(p, c, path, max_shard_bytes=shard,
+                                                                   overwrite=ow, allow_non_finite=nf),
     "orbax": _save_orbax,
 }
 
@@ -86,8 +97,10 @@ def load_config_any(path: str) -> ModelConfig:
     from ministral_jax.checkpoint import orbax_io
     return orbax_io.load_config(path)
   if fmt == "hf":
-    return hf.config_from_hf(safetensors_io.read_json(Path(path) / hf.CONFIG_FILE, "config.json"))
-  return native.config_from_params_json(safetensors_io.read_json(Path(path) / "params.json", "params.json"))
+    file = Path(path) / hf.CONFIG_FILE
+    return hf.config_from_hf(safetensors_io.read_json(file, "config.json"), str(file))
+  file = Path(path) / native.PARAMS_FILE
+  return native.config_from_params_json(safetensors_io.read_json(file, "params.json"), str(file))
 
 
 def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
@@ -110,6 +123,27 @@ def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None)
   if partitioner is not None and shardings is None:
     params = partitioner.shard_params(params, loaded_cfg)
   return params, loaded_cfg
+
+
+# Tokenizer files a Hugging Face or Mistral-native release ships beside its weights, in order of preference.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v3", "tokenizer.model")
+
+
+def recorded_tokenizer(path: str) -> dict[str, Any] | None:
+  """The identity (`Tokenizer.identity()`) of the tokenizer a checkpoint was made with: what an orbax
+  checkpoint of ours recorded, or the tokenizer file a HF / native directory ships. None when neither
+  says (a checkpoint from before these records): it cannot be checked."""
+  root = epath.Path(path)
+  if (root / "metadata.json").exists():
+    from ministral_jax.checkpoint import orbax_io
+    return orbax_io.read_metadata(root).get("tokenizer")
+  if "://" in str(path):
+    return None
+  for name in TOKENIZER_FILES:
+    if (root / name).exists():
+      from ministral_jax.data import tokenizers
+      return tokenizers.load_tokenizer(str(root / name)).identity()
+  return None
 
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "tie_embeddings")
@@ -140,13 +174,22 @@ def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, 
 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,
-            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
-  """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config."""
+            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+            allow_non_finite: bool = False) -> ModelConfig:
+  """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config.
+
+  Weights holding NaN or Inf are an error (nothing is written) unless `allow_non_finite`.
+  """
   for name, fmt in (("source", src_format), ("destination", dst_format)):
     if fmt not in FORMATS:
       raise UserError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
-  params, cfg = LOADERS[src_format](src, dtype)
-  SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes)
+  tokenizer = recorded_tokenizer(src)
+  params, cfg = LOADERS[src_format](src, dtype, allow_non_finite)
+  if dst_format == "orbax":  # the orbax checkpoint records the tokenizer its source shipped with
+    _save_orbax(params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite,
+                extra_metadata={"tokenizer": tokenizer} if tokenizer else None)
+  else:
+    SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite)
   return cfg
 
 
@@ -161,13 +204,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
   parser.add_argument("--max_shard_gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 1e9,
                       help="largest safetensors shard written (hf/native targets)")
+  parser.add_argument("--allow_non_finite", action="store_true",
+                      help="convert weights holding NaN or Inf (default: an error naming the tensor)")
   args = parser.parse_args(argv)
   start = time.time()
   try:
     cfg = convert(args.src_format, args.dst_format, args.src, args.dst, args.dtype, args.overwrite,
-                  int(args.max_shard_gb * 1e9))
-  except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad input: a message, not a traceback
-    raise SystemExit(f"error: {e}") from None
+                  int(args.max_shard_gb * 1e9), args.allow_non_finite)
+  except (UserError, FileExistsError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR) from None
   print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.param_dtype}) in {time.time() - start:.1f}s")
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ministral_jax.checkpoint import safetensors_io as io
 from ministral_jax.errors import UserError
-from ministral_jax.model.config import ModelConfig
+from ministral_jax.model.config import ModelConfig, check_type
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,6 +40,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                     rope_parameters=None),
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# The JSON type of every config.json key we read; null is allowed where transformers allows it.
+_TYPES = dict(model_type=str, vocab_size=int, hidden_size=int, intermediate_size=int, num_hidden_layers=int,
+              num_attention_heads=int, num_key_value_heads=int, head_dim=int, rms_norm_eps=float,
+              max_position_embeddings=int, tie_word_embeddings=bool, hidden_act=str, bos_token_id=int,
+              pad_token_id=int, rope_theta=float, rope_parameters=dict, rope_scaling=dict, text_config=dict)
+_NULLABLE = ("num_key_value_heads", "head_dim", "bos_token_id", "pad_token_id", "rope_parameters",
+             "rope_scaling", "text_config")
+_ROPE_TYPES = dict(rope_type=str, type=str, rope_theta=float, factor=float, original_max_position_embeddings=int,
+                   beta_fast=float, beta_slow=float, mscale=float, mscale_all_dim=float,
+                   llama_4_scaling_beta=float, partial_rotary_factor=float, truncate=bool, attention_factor=float)
 
 # (text prefix, lm_head name), most specific first.
 _PREFIXES = (
@@ -54,13 +64,18 @@ _IGNORED_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projec
 # --------------------------------------------------------------------------
 # Config.
 # --------------------------------------------------------------------------
-def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
-  """A transformers config.json (ministral3, mistral, or mistral3 text part) -> ModelConfig."""
+def config_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
+  """A transformers config.json (ministral3, mistral, or mistral3 text part) -> ModelConfig.
+
+  `source` names the file in errors about a value's type.
+  """
   d = dict(hf_config)
+  _check_types(d, f"{source}: ")
   if d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config"):
     raise UserError("Quantized (e.g. FP8) HF checkpoints are not supported; use a BF16 release.")
   if d.get("model_type") == "mistral3":
     text = dict(d.get("text_config") or {})
+    _check_types(text, f"{source}: text_config.")
     text.setdefault("model_type", "mistral")  # Mistral3Config's default text model
     text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
     d = text
@@ -89,6 +104,16 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
       bos_id=g("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=g("pad_token_id"),
       **_rope_from_hf(d, model_type, g("rope_theta"), g("max_position_embeddings")))
   return ModelConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+def _check_types(d: Mapping[str, Any], where: str) -> None:
+  """Every key we read has its JSON type, so a "4" fails here naming the file and key, not in arithmetic."""
+  io.check_json_types(d, _TYPES, where, _NULLABLE)
+  eos = d.get("eos_token_id")
+  for k, token in enumerate(eos if isinstance(eos, list) else [eos] if eos is not None else []):
+    check_type(token, int, f"{where}eos_token_id" + (f"[{k}]" if isinstance(eos, list) else ""))
+  for key in ("rope_parameters", "rope_scaling"):
+    io.check_json_types(d.get(key) or {}, _ROPE_TYPES, f"{where}{key}.", nullable=tuple(_ROPE_TYPES))
 
 
 def _rope_from_hf(d: Mapping[str, Any], model_type: str, default_theta: float,
@@ -185,7 +210,7 @@ def _ignored(name: str) -> bool:
 
 
 def load_hf(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
-            shardings: Any = None) -> tuple[dict[str, Any], ModelConfig]:
+            shardings: Any = None, allow_non_finite: bool = False) -> tuple[dict[str, Any], ModelConfig]:
   """Imports an HF checkpoint directory; returns (params, config).
 
   `cfg`: optional; its architecture must agree with config.json, and its
@@ -193,16 +218,19 @@ def load_hf(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
   (default: keep the checkpoint's). `shardings`: a tree of
   `jax.sharding.Sharding` shaped like the params; each leaf goes to its
   devices as soon as it is read (else leaves are host numpy arrays).
-  Names, shapes and files are all checked before any weight is read.
+  Names, shapes and files are all checked before any weight is read; a
+  tensor holding NaN or Inf is an error naming it and its file unless
+  `allow_non_finite`.
   """
   path = Path(path)
-  found = config_from_hf(io.read_json(path / CONFIG_FILE, "an HF checkpoint needs its config.json."))
+  found = config_from_hf(io.read_json(path / CONFIG_FILE, "an HF checkpoint needs its config.json."),
+                         str(path / CONFIG_FILE))
   files = io.find_shards(path, INDEX_FILE, "model.safetensors", "model*.safetensors")
   infos = io.read_headers(files)
   prefix, lm_head = _detect_prefix(set(infos))
   return io.load_checkpoint(
       infos, found, f"HF checkpoint {path}", lambda c: io.decoder_maps(c, hf_names(prefix, lm_head)),
-      _ignored, cfg, dtype, shardings)
+      _ignored, cfg, dtype, shardings, allow_non_finite)
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -210,19 +238,21 @@ def _shard_name(k: int, n: int) -> str:
 
 
 def save_hf(params: Any, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            dtype: Any = None, overwrite: bool = False) -> Path:
+            dtype: Any = None, overwrite: bool = False, allow_non_finite: bool = False) -> Path:
   """Exports to an HF text-only CausalLM directory (config.json, shards, index).
 
   Written into a temporary sibling directory and renamed into place; an
   existing non-empty `path` is refused unless `overwrite`. `dtype` casts the
-  stored tensors (default: the params' own dtype).
+  stored tensors (default: the params' own dtype). Params holding NaN or Inf
+  are refused (nothing is written) unless `allow_non_finite`.
   """
   io.check_params(params, cfg)
   np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
   maps = io.decoder_maps(cfg, hf_names())
   dtype_name = (np_dtype or io.to_np_dtype(params["tok_embeddings"].dtype)).name
   with io.atomic_directory(path, overwrite) as tmp:
-    weight_map, total_bytes = io.write_shards(tmp, params, maps, cfg, _shard_name, max_shard_bytes, np_dtype)
+    weight_map, total_bytes = io.write_shards(tmp, params, maps, cfg, _shard_name, max_shard_bytes, np_dtype,
+                                              allow_non_finite)
     if len(set(weight_map.values())) > 1:
       io.write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     io.write_json(tmp / CONFIG_FILE, config_to_hf(cfg, dtype_name))

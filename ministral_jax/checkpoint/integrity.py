@@ -94,16 +94,17 @@ def check_finite(tree: Any, where: str) -> None:
                     "diverged; use an intact checkpoint.")
 
 
-def verify(tree: Any, expected: dict[str, str] | None, where: str) -> None:
-  """Checks `tree` is finite and, when `expected` fingerprints were recorded, bit-identical to them."""
+def verify(tree: Any, expected: dict[str, str] | None, where: str, allow_non_finite: bool = False) -> None:
+  """Checks `tree` is finite (unless `allow_non_finite`) and, when `expected` fingerprints were recorded,
+  bit-identical to them."""
   fps, bad = summarize(tree)
-  if bad:
+  if bad and not allow_non_finite:
     raise UserError(f"{where} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
                     f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The file is damaged or the model "
                     "diverged; use an intact checkpoint.")
   if expected is None:
     return
-  wrong = [n for n, f in fps.items() if expected.get(n) != f]
+  wrong = sorted(n for n, f in fps.items() if expected.get(n) != f)
   missing = sorted(set(expected) - set(fps))
   if wrong or missing:
     names = wrong + [f"{m} (absent)" for m in missing]

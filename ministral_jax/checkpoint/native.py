@@ -31,6 +31,14 @@ INDEX_FILE = "consolidated.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 NO_YARN_MAX_SEQ_LEN = 131_072  # Mistral Small 3.1's context, when params.json gives none
 _IGNORED_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
+# The JSON type of every params.json key we read (null where we fall back to a default).
+_TYPES = dict(dim=int, n_layers=int, hidden_dim=int, n_heads=int, vocab_size=int, n_kv_heads=int, head_dim=int,
+              norm_eps=float, rope_theta=float, tied_embeddings=bool, max_position_embeddings=int,
+              max_seq_len=int, yarn=dict, llama_4_scaling=dict)
+_NULLABLE = ("n_kv_heads", "head_dim", "rope_theta", "max_position_embeddings", "max_seq_len", "yarn",
+             "llama_4_scaling")
+_YARN_TYPES = dict(factor=float, original_max_position_embeddings=int, beta=float, alpha=float, apply_scale=bool)
+_L4_TYPES = dict(beta=float, original_max_position_embeddings=int)
 
 
 # --------------------------------------------------------------------------
@@ -67,11 +75,15 @@ def _maps(cfg: ModelConfig) -> list[io.TensorMap]:
 # --------------------------------------------------------------------------
 # Config.
 # --------------------------------------------------------------------------
-def config_from_params_json(d: Mapping[str, Any]) -> ModelConfig:
-  """params.json -> ModelConfig (text decoder; `vision_encoder` is ignored)."""
+def config_from_params_json(d: Mapping[str, Any], source: str = PARAMS_FILE) -> ModelConfig:
+  """params.json -> ModelConfig (text decoder; `vision_encoder` is ignored).
+
+  `source` names the file in errors about a value's type or a missing key.
+  """
   missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size") if k not in d]
   if missing:
-    raise UserError(f"params.json lacks required field(s) {missing}.")
+    raise UserError(f"{source} lacks required field(s) {missing}.")
+  _check_types(d, source)
   if d.get("sliding_window") is not None:
     raise UserError(f"params.json sets sliding_window={d['sliding_window']}; sliding-window attention "
                      "is not supported.")
@@ -91,12 +103,24 @@ def config_from_params_json(d: Mapping[str, Any]) -> ModelConfig:
                   yarn_beta_fast=float(yarn.get("beta", 32.0)), yarn_beta_slow=float(yarn.get("alpha", 1.0)),
                   yarn_mscale=scale, yarn_mscale_all_dim=scale)
   if l4 and l4.get("beta"):
+    if l4.get("original_max_position_embeddings") is None:
+      raise UserError(f"{source}: llama_4_scaling sets beta but lacks original_max_position_embeddings.")
     fields.update(query_temperature_beta=float(l4["beta"]),
                   query_temperature_len=int(l4["original_max_position_embeddings"]))
   default_len = (int(yarn["factor"] * yarn["original_max_position_embeddings"]) if yarn
                  else NO_YARN_MAX_SEQ_LEN)
   fields["max_seq_len"] = int(d.get("max_position_embeddings") or d.get("max_seq_len") or default_len)
   return ModelConfig.from_dict(fields)
+
+
+def _check_types(d: Mapping[str, Any], source: str) -> None:
+  """Every key we read has its JSON type, so a "4" fails here naming the file and key, not in arithmetic."""
+  io.check_json_types(d, _TYPES, f"{source}: ", _NULLABLE)
+  io.check_json_types(d.get("yarn") or {}, _YARN_TYPES, f"{source}: yarn.")
+  io.check_json_types(d.get("llama_4_scaling") or {}, _L4_TYPES, f"{source}: llama_4_scaling.")
+  absent = [k for k in ("factor", "original_max_position_embeddings") if d.get("yarn") and k not in d["yarn"]]
+  if absent:
+    raise UserError(f"{source}: yarn lacks required field(s) {absent}.")
 
 
 def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
@@ -124,13 +148,14 @@ def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
 # Load / save.
 # --------------------------------------------------------------------------
 def load_native(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
-                shardings: Any = None) -> tuple[dict[str, Any], ModelConfig]:
+                shardings: Any = None, allow_non_finite: bool = False) -> tuple[dict[str, Any], ModelConfig]:
   """Imports a native checkpoint directory; arguments as `hf.load_hf`."""
   path = Path(path)
-  found = config_from_params_json(io.read_json(path / PARAMS_FILE, "a native checkpoint needs params.json."))
+  found = config_from_params_json(io.read_json(path / PARAMS_FILE, "a native checkpoint needs params.json."),
+                                  str(path / PARAMS_FILE))
   files = io.find_shards(path, INDEX_FILE, "consolidated.safetensors", "consolidated*.safetensors")
   return io.load_checkpoint(io.read_headers(files), found, f"native checkpoint {path}", _maps,
-                            lambda n: n.startswith(_IGNORED_PREFIXES), cfg, dtype, shardings)
+                            lambda n: n.startswith(_IGNORED_PREFIXES), cfg, dtype, shardings, allow_non_finite)
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -139,11 +164,11 @@ def _shard_name(k: int, n: int) -> str:
 
 def save_native(params: Any, cfg: ModelConfig, path: str | Path,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None,
-                overwrite: bool = False) -> Path:
-  """Exports params.json + consolidated*.safetensors (atomically, like `hf.save_hf`)."""
+                overwrite: bool = False, allow_non_finite: bool = False) -> Path:
+  """Exports params.json + consolidated*.safetensors (atomically and checked finite, like `hf.save_hf`)."""
   io.check_params(params, cfg)
   np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
   with io.atomic_directory(path, overwrite) as tmp:
-    io.write_shards(tmp, params, _maps(cfg), cfg, _shard_name, max_shard_bytes, np_dtype)
+    io.write_shards(tmp, params, _maps(cfg), cfg, _shard_name, max_shard_bytes, np_dtype, allow_non_finite)
     io.write_json(tmp / PARAMS_FILE, config_to_params_json(cfg))
   return Path(path)

@@ -5,14 +5,17 @@ projection; they differ only in tensor names and (for wq/wk) the row order
 within each head. Everything else lives here once:
 
 - finding the shard files and reading their JSON headers (no tensor data);
-- checking every name and shape against the config BEFORE a byte of weights
-  is read, so a wrong checkpoint fails in milliseconds with a precise message
-  instead of after minutes of I/O;
+- checking every name, shape and byte range against the config and the file
+  sizes BEFORE a byte of weights is read, so a wrong or truncated checkpoint
+  fails in milliseconds with a precise message instead of after minutes of I/O;
 - filling each stacked `[layers, ...]` leaf layer by layer into one
   preallocated array (the only host copy of that leaf), optionally moving it
-  to its device sharding right away;
+  to its device sharding right away, and checking each layer finite as it
+  lands (a NaN in a file is named by tensor and file, not found later as a
+  NaN loss);
 - writing shards one layer at a time into a temporary sibling directory
-  that is renamed into place only when complete.
+  that is renamed into place only when complete, with the permissions a
+  plain `open()` would give.
 
 A format is described by a list of `TensorMap`s (`decoder_maps`): one per
 param leaf, naming the checkpoint tensor(s) and the two conversions.
@@ -23,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import shutil
 import struct
 import uuid
@@ -38,7 +43,7 @@ import safetensors.numpy
 
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
-from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
+from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, check_type
 
 Array = np.ndarray
 LeafPath = tuple[str, ...]
@@ -51,6 +56,9 @@ _DTYPES = {
 }
 _MAX_HEADER_BYTES = 100 << 20
 _LISTED = 20  # names shown in one error message before "... and N more"
+_FINITE_CHUNK = 1 << 24  # elements per isfinite call: bounds its temporary bool array
+_NON_FINITE_FIX = ("use an intact checkpoint, or pass allow_non_finite=True (convert: --allow_non_finite) "
+                   "to keep them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +168,11 @@ def find_shards(path: Path, index_name: str, single_name: str, pattern: str) -> 
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
-  """Tensor names, shapes and dtypes from a safetensors header (reads no tensor data)."""
+  """Tensor names, shapes and dtypes from a safetensors header (reads no tensor data).
+
+  Each tensor's byte range is checked against the file's size here, so a
+  truncated download fails before any weight is read, naming the file.
+  """
   with open(file, "rb") as fh:
     prefix = fh.read(8)
     size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
@@ -170,8 +182,28 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
       header = json.loads(fh.read(size))
     except ValueError as e:
       raise UserError(f"{file} is not a safetensors file (unreadable header: {e}).") from None
+  if not isinstance(header, dict):
+    raise UserError(f"{file} is not a safetensors file (its header is not a JSON object).")
   header.pop("__metadata__", None)
-  return {name: TensorInfo(file, tuple(h["shape"]), h["dtype"]) for name, h in header.items()}
+  data_bytes = file.stat().st_size - 8 - size
+  return {name: _tensor_info(file, name, h, data_bytes) for name, h in header.items()}
+
+
+def _tensor_info(file: Path, name: str, entry: Any, data_bytes: int) -> TensorInfo:
+  """One header entry, after checking that its bytes lie inside the file and match its shape."""
+  try:
+    shape, dtype = tuple(int(n) for n in entry["shape"]), str(entry["dtype"])
+    begin, end = (int(n) for n in entry["data_offsets"])
+  except (KeyError, TypeError, ValueError):
+    raise UserError(f"{file} is damaged: the header entry of tensor '{name}' is malformed ({entry!r}). "
+                    "Restore the file from a copy, or download it again.") from None
+  if end > data_bytes:
+    raise UserError(f"{file} is truncated: tensor '{name}' ends at byte {end} of the data, which holds only "
+                    f"{data_bytes} bytes. Restore the file from a copy, or download it again.")
+  if dtype in _DTYPES and end - begin != math.prod(shape) * _DTYPES[dtype].itemsize:
+    raise UserError(f"{file} is damaged: tensor '{name}' ({dtype} {list(shape)}) spans {end - begin} bytes. "
+                    "Restore the file from a copy, or download it again.")
+  return TensorInfo(file, shape, dtype)
 
 
 def read_headers(files: Sequence[Path]) -> dict[str, TensorInfo]:
@@ -244,11 +276,14 @@ def dtype_of(infos: Mapping[str, TensorInfo], name: str) -> np.dtype:
 
 
 def read_params(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg: ModelConfig,
-                dtype: np.dtype, shardings: Any = None) -> dict[str, Any]:
+                dtype: np.dtype, shardings: Any = None, source: str = "the checkpoint",
+                allow_non_finite: bool = False) -> dict[str, Any]:
   """Streams tensors into the param tree: one preallocated array per leaf.
 
   With `shardings` (a tree shaped like the params), each finished leaf is put
   on its devices and the host array is dropped before the next leaf is read.
+  Each layer is checked finite right after its cast (so a float16 overflow is
+  caught too) while it is still in cache; `allow_non_finite` skips that.
   """
   abstract = transformer.abstract_params(cfg)
   params: dict[str, Any] = {}
@@ -257,9 +292,13 @@ def read_params(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg:
 
     def tensor(name: str) -> Array:
       file = infos[name].file
-      if file not in handles:
-        handles[file] = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
-      return handles[file].get_tensor(name)
+      try:
+        if file not in handles:
+          handles[file] = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+        return handles[file].get_tensor(name)
+      except (safetensors.SafetensorError, OSError) as e:
+        raise UserError(f"{file} could not be read ({_first_line(e)}): it is damaged or truncated. Restore "
+                        "it from a copy, or download it again.") from None
 
     for m in maps:
       out = np.empty(_get(abstract, m.leaf).shape, dtype)  # [layers, ...] or unstacked
@@ -269,6 +308,9 @@ def read_params(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg:
         if value.shape != target.shape:  # a bug in a TensorMap, not in the checkpoint
           raise AssertionError(f"{name} -> {m.leaf}: {value.shape} != {target.shape}")
         target[...] = value  # casts to `dtype`; only one layer is ever held twice
+        if not allow_non_finite and not all_finite(target):
+          raise UserError(f"{source}: tensor '{name}' in {infos[name].file} holds NaN or Inf"
+                          f"{_overflow_note(value, dtype)}; {_NON_FINITE_FIX}.")
       if shardings is not None:
         out = jax.device_put(out, _get(shardings, m.leaf))
       _set(params, m.leaf, out)
@@ -276,9 +318,26 @@ def read_params(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg:
   return params
 
 
+def all_finite(x: Array) -> bool:
+  """No NaN or Inf in `x`, checked a slice at a time so the temporary mask stays small."""
+  flat = x.reshape(-1)  # a view: the arrays checked here are contiguous
+  return all(bool(np.isfinite(flat[k:k + _FINITE_CHUNK]).all()) for k in range(0, flat.size, _FINITE_CHUNK))
+
+
+def _overflow_note(before_cast: Array, dtype: np.dtype) -> str:
+  """Why a tensor is non-finite when its source values were finite: the cast overflowed."""
+  if before_cast.dtype == dtype or not all_finite(before_cast):
+    return ""
+  return f" after the cast to {dtype.name} (its values exceed that dtype's range; use float32 or bfloat16)"
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source: str,
                     make_maps: Callable[[ModelConfig], list[TensorMap]], ignore: Callable[[str], bool],
-                    cfg: ModelConfig | None, dtype: Any, shardings: Any
+                    cfg: ModelConfig | None, dtype: Any, shardings: Any, allow_non_finite: bool = False
                     ) -> tuple[dict[str, Any], ModelConfig]:
   """The common import path: headers -> tying -> config check -> name/shape check -> stream.
 
@@ -303,7 +362,7 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   if np_dtype.name not in ("float32", "bfloat16", "float16"):
     raise UserError(f"{source} stores {np_dtype.name} weights; pass dtype='bfloat16' or 'float32'.")
   out_cfg = (cfg or found).replace(param_dtype=np_dtype.name, tie_embeddings=found.tie_embeddings)
-  return read_params(infos, maps, out_cfg, np_dtype, shardings), out_cfg
+  return read_params(infos, maps, out_cfg, np_dtype, shardings, source, allow_non_finite), out_cfg
 
 
 def _get(tree: Any, path: LeafPath) -> Any:
@@ -343,12 +402,15 @@ def _write_order(maps: Sequence[TensorMap], n_layers: int) -> list[tuple[TensorM
 
 def write_shards(path: Path, params: Any, maps: Sequence[TensorMap], cfg: ModelConfig,
                  shard_name: Callable[[int, int], str], max_shard_bytes: int,
-                 dtype: np.dtype | None) -> tuple[dict[str, str], int]:
+                 dtype: np.dtype | None, allow_non_finite: bool = False) -> tuple[dict[str, str], int]:
   """Writes the params as safetensors shards; returns ({tensor name: file name}, total bytes).
 
   Shards are planned from shapes first (so files get their final names), then
-  filled one layer slice at a time: at most one shard is in host memory.
+  filled one layer slice at a time: at most one shard is in host memory. Each
+  slice is checked finite as written (a NaN export would poison every job
+  that loads it) unless `allow_non_finite`.
   """
+  mode = new_file_mode()
   order = _write_order(maps, cfg.n_layers)
   leaf_dtype = lambda m: dtype or to_np_dtype(_get(params, m.leaf).dtype)  # noqa: E731
   sizes = [int(np.prod(m.shape)) * leaf_dtype(m).itemsize for m, _ in order]
@@ -369,8 +431,14 @@ def write_shards(path: Path, params: Any, maps: Sequence[TensorMap], cfg: ModelC
       value = np.asarray(leaf[i] if i is not None else leaf)  # one layer, gathered to host
       name = m.name.format(i=i) if i is not None else m.name
       tensors[name] = np.ascontiguousarray(m.to_theirs(value).astype(leaf_dtype(m), copy=False))
+      if not allow_non_finite and not all_finite(tensors[name]):
+        where = "".join(f"['{key}']" for key in m.leaf) + (f"[{i}]" if i is not None else "")
+        raise UserError(f"The params to save hold NaN or Inf in {where} (tensor '{name}')"
+                        f"{_overflow_note(value, leaf_dtype(m))}; pass allow_non_finite=True (convert: "
+                        "--allow_non_finite) to write them anyway.")
     file = shard_name(k + 1, n_shards)
     safetensors.numpy.save_file(tensors, str(path / file), metadata={"format": "pt"})
+    os.chmod(path / file, mode)  # safetensors writes through a private (0600) temporary file
     weight_map.update({name: file for name in tensors})
     del tensors
   return weight_map, sum(sizes)
@@ -402,6 +470,37 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def new_file_mode() -> int:
+  """The mode `open(..., "w")` gives a new file: 0o666 less the umask.
+
+  Read from /proc where Linux offers it, because os.umask can only be read by
+  setting it, which races with other threads creating files.
+  """
+  try:
+    with open("/proc/self/status") as fh:
+      for line in fh:
+        if line.startswith("Umask:"):
+          return 0o666 & ~int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def check_json_types(d: Mapping[str, Any], types: Mapping[str, type], where: str,
+                     nullable: Sequence[str] = ()) -> None:
+  """Each key of `types` that `d` holds has that type (or is null, for `nullable` keys).
+
+  Run on a config file before any value is used, so `"n_heads": "4"` is an
+  error naming the file and its own key instead of a TypeError in arithmetic
+  far from it. `where` prefixes the key, e.g. "config.json: " or "params.json: yarn.".
+  """
+  for key, kind in types.items():
+    if key in d and not (d[key] is None and key in nullable):
+      check_type(d[key], kind, where + key)
 
 
 def write_json(file: Path, obj: Any) -> None:

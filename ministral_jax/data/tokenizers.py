@@ -371,6 +371,6 @@ def check_same(expected: Mapping[str, object] | None, actual: Mapping[str, objec
       f"tokenizer mismatch: {expected_what} was made with {expected.get('kind')} tokenizer "
       f"{expected.get('source')} ({expected.get('vocab_size')} ids, sha256 {str(expected.get('sha256'))[:12]}), "
       f"but {actual_what} uses {actual.get('kind')} tokenizer {actual.get('source')} ({actual.get('vocab_size')} "
-      f"ids, sha256 {str(actual.get('sha256'))[:12]}). Token ids would mean different things; use the tokenizer "
-      "the checkpoint was trained with (data.tokenizer=<its path>)."
+      f"ids, sha256 {str(actual.get('sha256'))[:12]}). Token ids would mean different things; point the job's "
+      "tokenizer field at the file the checkpoint was made with."
   )

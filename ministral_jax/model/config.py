@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import numbers
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
 from ministral_jax.errors import UserError
 
@@ -75,6 +78,9 @@ class ModelConfig:
   matmul_precision: str = "default"  # "default" | "high" | "highest"
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):  # first: the checks below compare and format the values
+      value = check_type(getattr(self, field.name), _FIELD_TYPES[field.type], f"Model config field {field.name}")
+      object.__setattr__(self, field.name, value)
     _check(self.rope_scaling in ("none", "yarn"), "rope_scaling", self.rope_scaling, "'none' or 'yarn'")
     _check(self.n_heads % self.n_kv_heads == 0, "n_heads", self.n_heads,
            f"a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)")
@@ -129,6 +135,43 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
   if not ok:
     raise UserError(f"Model config field '{field}' = {value!r} is invalid: it must be {expected}.")
+
+
+# The annotations are strings (`from __future__ import annotations`).
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+
+def check_type(value: Any, kind: type, where: str) -> Any:
+  """`value` as a plain `kind` (int, float, bool, str; dict for JSON objects), or a UserError naming
+  `where` and both types.
+
+  Checked because a JSON file or a command line easily gives "4" or 4.0 for
+  4, which otherwise fails far away (a string in a shape, a float in a range).
+  bool is refused where a number is expected (Python counts it as an int).
+  Numbers become plain Python ints / floats, so to_dict() stays JSON and
+  equal configs hash equally (4 and 4.0 alike for a float field).
+  """
+  is_bool = isinstance(value, (bool, np.bool_))
+  if kind is bool and is_bool:
+    return bool(value)
+  if kind is int and isinstance(value, numbers.Integral) and not is_bool:
+    return int(value)
+  if kind is float and isinstance(value, numbers.Real) and not is_bool:
+    return float(value)
+  if (kind is str and isinstance(value, str)) or (kind is dict and isinstance(value, Mapping)):
+    return value
+  got = type(value).__name__
+  raise UserError(f"{where}={_shown(value)} is {'an' if got[0] in 'aeiou' else 'a'} {got}; "
+                  f"{_TYPE_NAMES[kind]} is expected.")
+
+
+def _shown(value: Any) -> str:
+  """The value as its JSON source spells it ("4", null, true) where it has a JSON spelling."""
+  try:
+    return json.dumps(value)
+  except (TypeError, ValueError):
+    return repr(value)
 
 
 # --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ministral_jax import sharding
+from ministral_jax import faults, sharding, workdir_lock
 from ministral_jax.checkpoint import convert, orbax_io
 from ministral_jax.data import pipeline, tokenizers
 from ministral_jax.errors import UserError
@@ -85,6 +85,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.
   partitioner.check_batch(cfg.prune.calibration_batch_size)
   tokenizer = pipeline.build_tokenizer(cfg.data, workdir)
   tokenizers.check_vocab_fits(tokenizer, parent_cfg.vocab_size)
+  tokenizers.check_same(convert.recorded_tokenizer(path), tokenizer.identity(), f"prune.parent={path}",
+                        "the calibration data (data.tokenizer)")
   batches = calibration_batches(cfg, tokenizer)
   first = next(iter(batches()), None)
   if first is None or not np.any(first["segment_ids"] != 0):
@@ -139,6 +141,11 @@ def summary(report: dict) -> str:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.Partitioner | None = None) -> dict:
+  with workdir_lock.hold(workdir):
+    return _run(cfg, workdir, partitioner)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.Partitioner | None) -> dict:
   out = epath.Path(workdir) / "params"
   job = prepare(cfg, workdir, partitioner)
   done = _existing(out, job.identity)
@@ -150,11 +157,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.Part
   loaded = time.time()
   result = pruner.prune(params, parent_cfg, job.target, cfg.prune, job.batches, job.partitioner)
   jax.block_until_ready(result.params)
+  faults.point("prune.after_calibration")
   pruned = time.time()
   report = {"job": job.identity, "parent_config": parent_cfg.to_dict(), "child_config": job.target.to_dict(),
             "param_count": {"parent": param_count(parent_cfg), "child": param_count(job.target)},
             **result.report, "seconds": {"load": loaded - start, "prune": pruned - loaded}}
-  orbax_io.save_params(out, result.params, result.cfg, extra_metadata={"task": "prune"},
+  orbax_io.save_params(out, result.params, result.cfg,
+                       extra_metadata={"task": "prune", "tokenizer": job.tokenizer.identity()},
                        write_extra=_writer(report, result.arrays))
   print(summary(report) + f"\nWrote {out} (prune {pruned - loaded:.1f}s, load {loaded - start:.1f}s).")
   return report

@@ -17,7 +17,7 @@ from etils import epath
 
 from ministral_jax.checkpoint import convert
 from ministral_jax.errors import UserError
-from ministral_jax.model.config import ModelConfig
+from ministral_jax.model.config import ModelConfig, flops_per_token
 from ministral_jax.train import loop, losses, pretrain
 from ministral_jax.train.pretrain import hidden_and_head, token_mask
 
@@ -77,8 +77,9 @@ def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitione
   loss_fn = make_loss(model_cfg, teacher_cfg, cfg.loss, cfg.distill.temperature, cfg.distill.ce_weight)
   return loop.Task("distill", loss_fn, frozen=teacher_params,
                    frozen_shardings=partitioner.param_shardings(teacher_cfg),
-                   eval_loss_fn=pretrain.make_loss(model_cfg, cfg.loss))
+                   eval_loss_fn=pretrain.make_loss(model_cfg, cfg.loss),
+                   extra_flops_per_token=flops_per_token(teacher_cfg, cfg.data.seq_len, backward=False))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  return loop.run(cfg, workdir, make_task)
+  return loop.run(cfg, workdir, make_task, sources=lambda c: {"distill.teacher": c.distill.teacher})

@@ -2,10 +2,19 @@
 
 A trainer contributes a `Task`: its loss on a batch, plus any frozen trees
 (a teacher's params) the loss reads. Everything else is here and written
-once: validation before any work, the sharded train state, the jitted step
-with gradient accumulation, metrics, periodic eval, async checkpoints with
-the data-iterator state, resume from `--workdir`, SIGTERM, and non-finite
-losses.
+once: validation before any work, one job per workdir (a lock), the sharded
+train state, the jitted step with gradient accumulation, metrics, periodic
+eval, async checkpoints with the data-iterator state, resume from
+`--workdir`, SIGTERM, and non-finite losses.
+
+A job is done when `<workdir>/params` exists. The order of each step's
+housekeeping is what makes a kill at any moment survivable: metrics, then the
+checkpoint, then the eval (an eval that fails never costs the steps before
+it, and one a kill cut off runs again on resume); after the last checkpoint,
+the final params. A re-run whose checkpoints already reach `train.steps`
+writes the params instead of saying it is done. After SIGTERM the loop saves,
+then raises `errors.Preempted` (exit status 75), so nothing after it treats
+the job as finished.
 
 The step never syncs with the host. The loop keeps each step's loss on the
 device and fetches them in one transfer at every log or checkpoint step; a
@@ -16,8 +25,6 @@ the last checkpoint stays good.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import signal
 from typing import Any, Callable
 
 import jax
@@ -27,13 +34,13 @@ import numpy as np
 from etils import epath
 from flax import struct
 
-from ministral_jax import sharding
+from ministral_jax import config_checks, faults, sharding, workdir_lock
 from ministral_jax.checkpoint import convert, orbax_io
 from ministral_jax.data import pipeline, tokenizers
-from ministral_jax.errors import UserError
+from ministral_jax.errors import Preempted, UserError
 from ministral_jax.model import config as model_config
 from ministral_jax.model import transformer
-from ministral_jax.train import checkpointing, metrics, optimizer
+from ministral_jax.train import checkpointing, metrics, optimizer, preemption
 
 # (params, batch, frozen, rng) -> (loss_sum, token_count, aux scalars summed over tokens)
 LossFn = Callable[[Any, dict, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -48,6 +55,7 @@ class Task:
   # Periodic eval reports this loss (default: the training loss). Distillation evaluates
   # next-token loss, so eval numbers compare across trainers.
   eval_loss_fn: LossFn | None = None
+  extra_flops_per_token: float = 0.0  # matmuls outside the model's own fwd+bwd (a teacher's forward)
 
 
 @struct.dataclass
@@ -61,10 +69,12 @@ def train_config(steps: int = 100, global_batch: int = 8) -> ml_collections.Conf
   return ml_collections.ConfigDict(dict(
       steps=steps, global_batch=global_batch, grad_accum=1, log_every=10, eval_every=50, eval_batches=4,
       checkpoint_every=50, keep_checkpoints=2, async_checkpoints=True, peak_flops_per_device=0.0,
-      log_prefix=""))  # e.g. "[stage 2/7 child60 short]" on every console line
+      log_prefix="",  # e.g. "[cascade 2/7 child60/short]" on every console line
+      allow_resume_changes=False,  # resume a checkpoint trained with other settings (checkpointing.RESUMABLE)
+      flops_after=0.0))  # the work after this job (the rest of a cascade), for total_eta_min
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
   pass
 
 
@@ -116,57 +126,98 @@ def _global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _install_sigterm() -> dict:
-  flag = {"stop": False}
-
-  def handler(signum, frame):
-    del frame
-    logging.warning("Signal %d: saving a checkpoint and exiting.", signum)
-    flag["stop"] = True
-  signal.signal(signal.SIGTERM, handler)
-  return flag
-
-
-def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest, data):
-  """A fresh state, or the latest checkpoint's (and its data-iterator state), sharded by the rules."""
+def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data, expected):
+  """The newest intact checkpoint's state (and data-iterator state), or a fresh one; sharded by the rules."""
   abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                                   transformer.abstract_params(model_cfg))
   replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
   state_shardings = TrainState(replicated, param_shardings,
                                partitioner.like_params(abstract_state.opt_state, param_shardings))
-  if latest is None:
-    params, _ = convert.load_or_init(cfg.get("init_from", ""), model_cfg, partitioner, cfg.seed,
-                                     allow_rope_change=True)  # e.g. a long-context stage from a short one
-    state = TrainState(jnp.zeros((), jnp.int32), params,
-                       jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
-    return jax.device_put(state, state_shardings), state_shardings
-  state, data_state = checkpointing.restore(
-      mngr, latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
-  data.set_state(data_state)
-  logging.info("Resumed from step %d", latest)
-  return state, state_shardings
+  restored = checkpointing.restore_intact(
+      mngr, workdir, checkpointing.abstract_with_shardings(abstract_state, state_shardings), expected,
+      cfg.train.allow_resume_changes)
+  if restored is not None:
+    step, state, data_state = restored
+    data.set_state(data_state)
+    print(f"{_prefix(cfg)}resumed from step {step} of {cfg.train.steps} ({workdir})", flush=True)
+    return state, state_shardings
+  params, _ = convert.load_or_init(cfg.get("init_from", ""), model_cfg, partitioner, cfg.seed,
+                                   allow_rope_change=True)  # e.g. a long-context stage from a short one
+  state = TrainState(jnp.zeros((), jnp.int32), params,
+                     jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
+  return jax.device_put(state, state_shardings), state_shardings
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> dict:
-  """Trains `cfg.train.steps` steps (resuming from `workdir`); returns the last logged metrics."""
-  # ---- everything that can be wrong is checked before any work ----
+def _prefix(cfg: ml_collections.ConfigDict) -> str:
+  return f"{cfg.train.log_prefix} " if cfg.train.log_prefix else ""
+
+
+def check(cfg: ml_collections.ConfigDict, workdir: str, sources: dict[str, str]
+          ) -> tuple[model_config.ModelConfig, sharding.Partitioner]:
+  """Everything about a training job that can be wrong, before anything is written or loaded."""
+  config_checks.require(config_checks.workdir(workdir) + config_checks.training_job(cfg))
   model_cfg = model_config.ModelConfig.from_dict(cfg.model)
+  problems = []
+  if cfg.data.seq_len > model_cfg.max_seq_len:
+    problems.append(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}; "
+                    "lower data.seq_len or raise model.max_seq_len (with RoPE scaling to match)")
+  if cfg.data.tokenizer == "spm_train" and cfg.data.spm_vocab_size > model_cfg.vocab_size:
+    problems.append(f"data.spm_vocab_size={cfg.data.spm_vocab_size} exceeds model.vocab_size="
+                    f"{model_cfg.vocab_size}; lower it")
+  for what, path in sources.items():
+    if path and not epath.Path(path).exists():
+      problems.append(f"{what}={path!r} does not exist; point it at an orbax, HF or Mistral-native checkpoint "
+                      "directory (e.g. another run's <workdir>/params)")
+  config_checks.require(problems)
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
-  param_shardings = partitioner.param_shardings(model_cfg)
+  partitioner.param_shardings(model_cfg)
   _check_batching(cfg, partitioner)
+  pipeline.documents(cfg.data, "train")  # an empty corpus fails here
+  if cfg.train.eval_every:
+    try:
+      pipeline.documents(cfg.data, "eval")
+    except UserError as e:
+      raise UserError(f"{e}: the periodic eval (train.eval_every={cfg.train.eval_every}) would fail. Give it "
+                      "documents (data.eval_paths) or set train.eval_every=0.") from None
+  return model_cfg, partitioner
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable,
+        sources: Callable[[ml_collections.ConfigDict], dict[str, str]] | None = None) -> dict:
+  """Trains `cfg.train.steps` steps (resuming from `workdir`) and writes `<workdir>/params`; returns the
+  last logged metrics. `sources(cfg)` names the checkpoints the trainer reads besides `init_from`
+  (e.g. {"distill.teacher": path}): they must exist and share the data's tokenizer."""
+  preemption.install()
+  sources = {"init_from": cfg.get("init_from", ""), **(sources(cfg) if sources else {})}
+  model_cfg, partitioner = check(cfg, workdir, sources)
+  with workdir_lock.hold(workdir):
+    return _run(cfg, workdir, make_task, model_cfg, partitioner, sources)
+
+
+def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   tokenizer = pipeline.build_tokenizer(cfg.data, workdir)
   tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)
+  token_id = tokenizer.identity()
+  for what, path in sources.items():
+    if path:
+      tokenizers.check_same(convert.recorded_tokenizer(path), token_id, f"{what}={path}", "this job's data")
+  expected = {"model": model_cfg.to_dict(), "task": None, "settings": checkpointing.settings(cfg),
+              "tokenizer": token_id}
+  out = epath.Path(workdir) / "params"
   task: Task = make_task(cfg, model_cfg, partitioner)
+  expected["task"] = task.name
   tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
   mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    checkpointing.check_same_experiment(mngr, latest, model_cfg, task.name, workdir)
+  if out.exists() and mngr.latest_step() in (None, cfg.train.steps):
+    mngr.close()
+    print(f"{_prefix(cfg)}{workdir} is finished: its final params are in {out}; nothing to do.", flush=True)
+    return {}
   data = pipeline.train_iterator(cfg.data, tokenizer, cfg.train.global_batch // jax.process_count(),
                                  seed=cfg.seed, process_index=jax.process_index(),
                                  process_count=jax.process_count())
-
-  state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, latest, data)
+  param_shardings = partitioner.param_shardings(model_cfg)
+  state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data,
+                                        expected)
   step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
                     in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
                     out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
@@ -175,28 +226,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable) -> di
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
   start_step = int(state.step)
   writer = metrics.MetricsWriter(workdir, start_step, prefix=cfg.train.log_prefix)
-  meta = {"model": model_cfg.to_dict(), "task": task.name}
+  meta = {k: expected[k] for k in ("model", "task", "settings", "tokenizer")}
   try:
     with partitioner.activate():
-      state, last = _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr,
-                           writer, schedule, meta, model_cfg)
+      if start_step and _eval_due(cfg.train, start_step) and not writer.logged(start_step, "eval_loss"):
+        writer.write(start_step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner),
+                     console=True)  # the eval a kill cut off after the checkpoint
+      state, last, stopped = _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr,
+                                    writer, schedule, meta, model_cfg)
   finally:  # an async save in flight still commits, even when a step raised
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  if int(state.step) == cfg.train.steps > start_step:  # the final model, for eval, sampling, next stage
-    orbax_io.save_params(epath.Path(workdir) / "params", state.params, model_cfg, overwrite=True,
-                         extra_metadata={"task": task.name, "step": cfg.train.steps})
+  if stopped:
+    raise Preempted(workdir, int(state.step))
+  if int(state.step) == cfg.train.steps and (int(state.step) > start_step or not out.exists()):
+    faults.point("loop.after_final_checkpoint")
+    orbax_io.save_params(out, state.params, model_cfg, overwrite=True,
+                         extra_metadata={"task": task.name, "step": cfg.train.steps, "tokenizer": token_id})
   return last
+
+
+def _eval_due(t: ml_collections.ConfigDict, step: int) -> bool:
+  return bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
 
 
 def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr, writer, schedule, meta,
            model_cfg):
   t = cfg.train
   tokens_per_step = t.global_batch * cfg.data.seq_len
-  speed = metrics.Throughput(model_config.flops_per_token(model_cfg, cfg.data.seq_len),
-                             metrics.peak_flops_per_device(t.peak_flops_per_device), t.steps)
-  stop = _install_sigterm()
+  model_flops = model_config.flops_per_token(model_cfg, cfg.data.seq_len)
+  speed = metrics.Throughput(model_flops, metrics.peak_flops_per_device(t.peak_flops_per_device), t.steps,
+                             job_flops_per_token=model_flops + task.extra_flops_per_token,
+                             flops_after=t.flops_after)
   pending: list[tuple[int, dict]] = []
   last: dict = {}
   speed.start(int(state.step))
@@ -223,20 +285,23 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
     batch = next(data, None)
     if batch is None:
       raise UserError(f"The training data ran out at step {step} of {t.steps}: data.epochs={cfg.data.epochs} "
-                       f"pass(es) from document {cfg.data.start_document} on. Lower train.steps or raise "
-                       "data.epochs (0 repeats forever).")
+                      f"pass(es) from document {cfg.data.start_document} on. Lower train.steps or raise "
+                      "data.epochs (0 repeats forever).")
     state, out = step_fn(state, partitioner.shard_batch(batch), task.frozen)
     pending.append((step, out))
-    save = step % t.checkpoint_every == 0 or step == t.steps or stop["stop"]
+    faults.point("loop.after_step")
+    stop = preemption.requested() and step < t.steps  # the last step finishes the job instead
+    save = step % t.checkpoint_every == 0 or step == t.steps or stop
     if save or step % t.log_every == 0:
       last = flush(step) or last
-    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-      writer.write(step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner), console=True)
+      mngr.check_for_errors()  # an async save that failed (a full disk) stops the run now, not at the end
     if save:
-      checkpointing.save(mngr, step, state, data.get_state(), meta, force=stop["stop"])
-    if stop["stop"]:
-      break
-  return state, last
+      checkpointing.save(mngr, step, state, data.get_state(), meta, force=stop)
+    if stop:
+      return state, last, True
+    if _eval_due(t, step):
+      writer.write(step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner), console=True)
+  return state, last, False
 
 
 def evaluate(eval_fn, params, frozen, cfg, tokenizer, partitioner) -> dict[str, float]:

@@ -2,17 +2,21 @@
 
 The JSONL file is the run's loss history. On resume it is cut back to the
 restored step, so a job that was killed and restarted ends with the same
-history as one that never stopped. Only process 0 writes.
+history as one that never stopped; a line cut short by the kill is dropped
+there. Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import jax
 from etils import epath
+
+from ministral_jax import files
 
 
 def tensorboard_dir(workdir: str) -> str:
@@ -27,6 +31,7 @@ class MetricsWriter:
     self.prefix = prefix + " " if prefix else ""
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
+    self.kept: list[dict] = []  # the history up to the resumed step
     if not self.enabled:
       return
     self._truncate(resume_step)
@@ -36,9 +41,22 @@ class MetricsWriter:
   def _truncate(self, resume_step: int) -> None:
     if not self.path.exists():
       return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= resume_step]
-    self.path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+      try:
+        row = json.loads(line)
+        step = int(row["step"])
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        if i != len(lines) - 1:  # a kill cuts only the last line; anything else deserves a word
+          logging.warning("%s line %d is not a metrics record; dropped it.", self.path, i + 1)
+        continue
+      if step <= resume_step:
+        self.kept.append(row)
+    files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
+
+  def logged(self, step: int, key: str) -> bool:
+    """Whether the kept history has `key` at `step` (e.g. an eval a kill cut off)."""
+    return any(r.get("step") == step and key in r for r in self.kept)
 
   def write(self, step: int, values: dict[str, Any], console: bool = False) -> None:
     if not self.enabled:
@@ -63,10 +81,19 @@ def _fmt(key: str, value: Any) -> str:
 
 
 class Throughput:
-  """Tokens/s, MFU and ETA over the steps since the last report."""
+  """Tokens/s, MFU and ETA over the steps since the last report.
 
-  def __init__(self, flops_per_token: float, peak_flops: float | None, total_steps: int):
+  `flops_after` is the work that follows this job (the rest of a cascade), in
+  FLOPs; with it, `total_eta_min` extrapolates this job's achieved FLOP/s to
+  everything left. `job_flops_per_token` counts all the job's matmuls (a
+  distillation adds its teacher's forward); MFU counts the model's own.
+  """
+
+  def __init__(self, flops_per_token: float, peak_flops: float | None, total_steps: int,
+               job_flops_per_token: float | None = None, flops_after: float = 0.0):
     self.flops_per_token, self.peak, self.total = flops_per_token, peak_flops, total_steps
+    self.job_flops_per_token = job_flops_per_token or flops_per_token
+    self.flops_after = flops_after
     self.t0, self.step0 = time.perf_counter(), None
 
   def start(self, step: int) -> None:
@@ -80,6 +107,9 @@ class Throughput:
       tokens_per_s = steps * tokens_per_step / elapsed
       out["tokens_per_s"] = tokens_per_s
       out["eta_min"] = (self.total - step) * elapsed / steps / 60
+      if self.flops_after:
+        achieved = tokens_per_s * self.job_flops_per_token
+        out["total_eta_min"] = out["eta_min"] + self.flops_after / achieved / 60
       if self.peak:
         out["mfu"] = tokens_per_s * self.flops_per_token / self.peak
     self.start(step)
