@@ -7,13 +7,15 @@ setup(
     version="0.1.0",
     description="Ministral 3 in JAX/Flax: models, HF/Mistral checkpoints, pruning, distillation",
     packages=find_packages(include=["ministral_jax", "ministral_jax.*"]),
-    python_requires=">=3.10",
+    # The versions this code is tested with (floors only; `launch.tpu setup` pins the exact ones). On an
+    # older interpreter pip can only find an older JAX (no `jax.set_mesh`), so that fails here, at install.
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
+        "jax>=0.10",
+        "flax>=0.12",
         "optax",
-        "orbax-checkpoint",
-        "grain",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
         "tensorflow-datasets",
         "ml-collections",
         "sentencepiece",

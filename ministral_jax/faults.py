@@ -8,6 +8,9 @@ Code that crosses a boundary where a kill must be survivable calls
     MINISTRAL_JAX_FAULT=params.before_commit:1:enospc      raise OSError(ENOSPC) instead (a full disk)
     MINISTRAL_JAX_FAULT=loop.after_step:5:sigterm          send SIGTERM instead (a preemption notice)
 
+With `MINISTRAL_JAX_FAULT_PROCESS=i` only JAX process i (`JAX_PROCESS_ID`) acts, as when one host of a
+pod is preempted or dies.
+
 A kill here is SIGKILL to the process itself: no handler, no cleanup, exactly
 what a preempted VM or the OOM killer does. The points are listed in `POINTS`
 so a test can cross every one of them.
@@ -37,6 +40,9 @@ def point(name: str) -> None:
     return
   target, _, rest = spec.partition(":")
   if target != name:
+    return
+  only = os.environ.get(ENV + "_PROCESS")
+  if only is not None and only != os.environ.get("JAX_PROCESS_ID", "0"):
     return
   nth, _, action = rest.partition(":")
   _counts[name] = _counts.get(name, 0) + 1

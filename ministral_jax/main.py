@@ -113,7 +113,8 @@ def main(argv) -> None:
   try:
     _check(cfg, workdir)
     sharding.initialize_distributed()
-    from ministral_jax import workdir_lock
+    from ministral_jax import multihost, workdir_lock
+    multihost.check_shared_workdir(workdir)
     from ministral_jax.train import preemption
     preemption.install()
     with workdir_lock.hold(workdir):

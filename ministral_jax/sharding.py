@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import math
 import os
+import sys
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -68,23 +70,53 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
                                         dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Multi-host start-up: must run before anything touches a device.
+def initialize_distributed() -> None:
+  """Multi-host start-up: joins this process to the others before anything touches a device.
 
-  On Cloud TPU pods and SLURM/GKE GPU clusters `jax.distributed.initialize()`
-  finds its peers from the environment; elsewhere pass the coordinator.
-  Single-process runs skip it.
+  Runs when `MINISTRAL_JAX_MULTIHOST=1` (set by `launch.tpu run` on every worker
+  and by `launch.local_pod`) or `JAX_COORDINATOR_ADDRESS` is set. The
+  coordinator, process count and process id come from `JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` when given; otherwise
+  `jax.distributed.initialize()` finds them itself through JAX's cluster
+  detection (Cloud TPU metadata, SLURM, Open MPI, Kubernetes). CPU devices talk
+  through gloo. A peer that never joins (a wrong process count, a host that did
+  not start) is one clear error and exit status 2 after
+  `MINISTRAL_JAX_INIT_TIMEOUT` seconds (default 300) on every process that did.
   """
-  on_pod = bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-                or os.environ.get("MINISTRAL_JAX_MULTIHOST") == "1"  # set by launch/tpu.py on every worker
-                or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
-  if not on_pod:
+  env = os.environ
+  if env.get("MINISTRAL_JAX_MULTIHOST") != "1" and not env.get("JAX_COORDINATOR_ADDRESS"):
     return
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  coordinator = env.get("JAX_COORDINATOR_ADDRESS") or None
+  count = int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None
+  index = int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None
+  if count is not None and index is not None and not 0 <= index < count:
+    raise UserError(f"JAX_PROCESS_ID={index} is not in [0, JAX_NUM_PROCESSES={count}); give each of the "
+                    f"{count} processes its own id from 0 to {count - 1}.")
+  timeout = int(env.get("MINISTRAL_JAX_INIT_TIMEOUT", "300"))
+  expected = f"{count} processes" if count else "every process of the job"
+  message = (f"error: this process (id {index}) could not join {expected} at coordinator "
+             f"{coordinator or '(found by JAX)'} within {timeout} s. Start all of them (one per host, each with the same "
+             "JAX_NUM_PROCESSES and its own JAX_PROCESS_ID), and make sure the coordinator's port is reachable.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes
+  # JAX aborts the whole process (a C++ fatal error, no Python exception) when a peer never registers;
+  # a watchdog says why first, a little before JAX's own deadline.
+  joined = threading.Event()
+  threading.Thread(target=_join_watchdog, args=(joined, timeout, message), daemon=True).start()
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index,
+                               initialization_timeout=timeout + 30)
+  except Exception as e:  # noqa: BLE001 - a bad address or a refused connection is a Python error
+    raise UserError(f"{message[len('error: '):]} ({str(e).strip().splitlines()[0][:300]})") from None
+  finally:
+    joined.set()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _join_watchdog(joined: threading.Event, timeout: float, message: str) -> None:
+  if not joined.wait(timeout):
+    print(message, file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def _resolve_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
@@ -191,6 +223,18 @@ class Partitioner:
     if global_batch % n:
       raise UserError(f"Global batch {global_batch} cannot be split over the {n} batch shards of mesh "
                        f"{dict(self.mesh.shape)} (data x fsdp). Use a multiple of {n}.")
+
+  def process_rows(self, global_batch: int) -> tuple[int, int]:
+    """The rows `[start, stop)` of a global batch that this process's devices hold: what its input
+    pipeline reads (`shard_batch` then places them)."""
+    self.check_batch(global_batch)
+    index = self.batch_sharding(1).addressable_devices_indices_map((global_batch,))
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+      raise UserError(f"This process's devices hold rows {spans} of the batch, not one contiguous range; order "
+                      "the mesh so that each host's devices are adjacent along data x fsdp.")
+    return start, stop
 
   def shard_batch(self, batch: Any) -> Any:
     """Host-local numpy arrays `[local_batch, ...]` -> global arrays split over data x fsdp.

@@ -27,6 +27,9 @@ from ministral_jax.eval import task as eval_task
 from ministral_jax.model import config, transformer
 from ministral_jax.train import distill, pretrain
 
+
+# Every test here shares the module's fixtures: one xdist worker builds them once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("bad_input_trained")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"train.steps": 8, "train.log_every": 4, "train.checkpoint_every": 4, "train.eval_every": 8,
         "train.eval_batches": 1, "train.global_batch": 8, "model.n_layers": 1, "model.d_model": 32,

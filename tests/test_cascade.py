@@ -17,6 +17,9 @@ from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
 from ministral_jax.prune import pruner, rewrite
 
+
+# Every test here shares the module's fixtures: one xdist worker builds them once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("quick_cascade")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_EVAL = os.path.join(REPO, "README.md")  # an extra eval file the report must score every model on
 

@@ -55,6 +55,16 @@ def _stream_documents(batches, tokenizer) -> list[str]:
   return [tokenizer.decode(tokens[s + 1 : e]) for s, e in zip(starts, starts[1:])]
 
 
+def _training_documents(batches, tokenizer) -> list[str]:
+  """The shuffled document stream a training iterator packed: row r of every batch packs documents
+  r, r+B, r+2B, ... on its own (its slot), so the stream is the slots' documents interleaved. Only
+  documents every slot has finished are kept."""
+  rows = len(batches[0]["inputs"])
+  slots = [_stream_documents([{k: v[r:r + 1] for k, v in b.items()} for b in batches], tokenizer)[:-1]
+           for r in range(rows)]
+  return [slots[r][k] for k in range(min(map(len, slots))) for r in range(rows)]
+
+
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
   for a, b in zip(batches_a, batches_b):
@@ -68,7 +78,7 @@ def _assert_same(batches_a, batches_b):
 
 def test_packed_rows_keep_documents_apart_and_targets_are_next_tokens(corpus, tokenizer):
   cfg = _cfg(corpus)
-  batches = _take(pipeline.train_iterator(cfg, tokenizer, batch_size=4, seed=0, process_index=0, process_count=1), 12)
+  batches = _take(pipeline.train_iterator(cfg, tokenizer, global_batch=4, seed=0), 12)
   for b in batches:
     assert set(b) == {"inputs", "targets", "segment_ids", "positions"}
     assert all(v.shape == (4, 16) and v.dtype == np.int32 for v in b.values())
@@ -109,7 +119,7 @@ def test_eval_pass_reproduces_every_document_in_order_and_pads_with_segment_zero
 @pytest.mark.parametrize("k", [1, 5, 17])
 def test_restored_iterator_continues_the_exact_stream(corpus, tokenizer, k):
   cfg = _cfg(corpus)
-  make = lambda: pipeline.train_iterator(cfg, tokenizer, batch_size=2, seed=3, process_index=0, process_count=1)
+  make = lambda: pipeline.train_iterator(cfg, tokenizer, global_batch=2, seed=3)
   reference = _take(make(), k + 8)
   it = make()
   _take(it, k)
@@ -121,7 +131,7 @@ def test_restored_iterator_continues_the_exact_stream(corpus, tokenizer, k):
 
 def test_restore_across_an_epoch_boundary_and_state_records_the_epoch(corpus, tokenizer):
   cfg = _cfg(corpus, max_documents=6)
-  make = lambda: pipeline.train_iterator(cfg, tokenizer, batch_size=2, seed=0, process_index=0, process_count=1)
+  make = lambda: pipeline.train_iterator(cfg, tokenizer, global_batch=2, seed=0)
   it, batches, states = make(), [], []
   while not states or states[-1]["epoch"] < 2:
     states.append(json.loads(json.dumps(it.get_state())))
@@ -137,8 +147,8 @@ def test_each_epoch_is_reshuffled_and_seeds_give_different_orders(corpus, tokeni
   cfg = _cfg(corpus)
 
   def epochs(seed: int, shuffle_seed: int = 0) -> list[str]:
-    it = pipeline.train_iterator(_cfg(corpus, shuffle_seed=shuffle_seed), tokenizer, 4, seed, 0, 1)
-    return _stream_documents(_take(it, 60), tokenizer)
+    it = pipeline.train_iterator(_cfg(corpus, shuffle_seed=shuffle_seed), tokenizer, 4, seed)
+    return _training_documents(_take(it, 60), tokenizer)
 
   train_docs = {e.read() for e in pipeline._file_documents(cfg, "train")}
   seed0 = epochs(0)
@@ -151,20 +161,31 @@ def test_each_epoch_is_reshuffled_and_seeds_give_different_orders(corpus, tokeni
   assert epochs(0, shuffle_seed=1)[:n] != first
 
 
-def test_processes_read_disjoint_shards_that_cover_the_corpus(corpus, tokenizer):
-  cfg = _cfg(corpus)
-  train_docs = {e.read() for e in pipeline._file_documents(cfg, "train")}
-  shards = []
-  for index in (0, 1):
-    it = pipeline.train_iterator(cfg, tokenizer, batch_size=2, seed=0, process_index=index, process_count=2)
-    shards.append(set(_stream_documents(_take(it, 40), tokenizer)[:-1]))
-  assert shards[0].isdisjoint(shards[1])
-  assert shards[0] | shards[1] == train_docs
+def test_processes_reading_their_rows_make_the_batches_of_one_process(corpus, tokenizer):
+  """Two processes (rows 0-1 and 2-3 of a batch of 4) together give one process's batches and read
+  disjoint documents (in one epoch); a state saved by both resumes one process, and back."""
+  cfg = _cfg(corpus, epochs=1)
+  whole = pipeline.train_iterator(cfg, tokenizer, 4, seed=0)
+  parts = [pipeline.train_iterator(cfg, tokenizer, 4, seed=0, rows=rows) for rows in ((0, 2), (2, 4))]
+  reference = _take(whole, 6)
+  halves = [_take(p, 6) for p in parts]
+  _assert_same([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)], reference)
+  shards = [set(_training_documents(h, tokenizer)) for h in halves]
+  assert shards[0] and shards[1] and shards[0].isdisjoint(shards[1])
+  assert shards[0] | shards[1] <= {e.read() for e in pipeline._file_documents(cfg, "train")}
+  merged = pipeline.merge_states([json.loads(json.dumps(p.get_state())) for p in parts])
+  assert merged["documents_read"] == whole.get_state()["documents_read"]
+  resumed = pipeline.train_iterator(cfg, tokenizer, 4, seed=0)
+  resumed.set_state(merged)
+  _assert_same(_take(resumed, 2), _take(whole, 2))
+  second = pipeline.train_iterator(cfg, tokenizer, 4, seed=0, rows=(2, 4))
+  second.set_state(json.loads(json.dumps(whole.get_state())))
+  _assert_same(_take(second, 1), [{k: v[2:4] for k, v in b.items()} for b in _take(whole, 1)])
 
 
 def test_state_from_a_different_pipeline_is_refused(corpus, tokenizer):
-  it = pipeline.train_iterator(_cfg(corpus), tokenizer, 2, seed=0, process_index=0, process_count=1)
-  other = pipeline.train_iterator(_cfg(corpus, seq_len=32), tokenizer, 2, seed=0, process_index=0, process_count=1)
+  it = pipeline.train_iterator(_cfg(corpus), tokenizer, 2, seed=0)
+  other = pipeline.train_iterator(_cfg(corpus, seq_len=32), tokenizer, 2, seed=0)
   with pytest.raises(ValueError, match="seq_len"):
     other.set_state(it.get_state())
 
@@ -250,8 +271,8 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path, corpus, tokenizer):
   cfg = _cfg(corpus, source="tfds", tfds_name="tiny_docs", tfds_data_dir=str(tmp_path))
   train = pipeline.documents(cfg, "train")
   assert sorted(train[i] for i in range(len(train))) == sorted(_doc(i) for i in range(30))
-  it = pipeline.train_iterator(cfg, tokenizer, 2, seed=0, process_index=0, process_count=1)
-  assert set(_stream_documents(_take(it, 80), tokenizer)[:-1]) == {_doc(i) for i in range(30)}
+  it = pipeline.train_iterator(cfg, tokenizer, 2, seed=0)
+  assert set(_training_documents(_take(it, 80), tokenizer)) == {_doc(i) for i in range(30)}
   evals = list(pipeline.eval_batches(cfg, tokenizer, batch_size=4))
   assert sorted(_stream_documents(evals, tokenizer)) == sorted(_doc(i) for i in range(30, 36))
   with pytest.raises(ValueError, match="no_such_dataset"):
@@ -267,21 +288,21 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path, corpus, tokenizer):
 def test_glob_matching_nothing_is_an_error_naming_the_pattern(tmp_path, tokenizer):
   cfg = _cfg(tmp_path, paths=str(tmp_path / "missing-*.jsonl"))
   with pytest.raises(ValueError, match="missing-\\*.jsonl.*matches no files"):
-    pipeline.train_iterator(cfg, tokenizer, 2, seed=0, process_index=0, process_count=1)
+    pipeline.train_iterator(cfg, tokenizer, 2, seed=0)
 
 
 def test_empty_file_is_an_error(tmp_path, tokenizer):
   (tmp_path / "empty.txt").write_text("\n  \n")
   cfg = _cfg(tmp_path, source="text", paths=str(tmp_path / "empty.txt"))
   with pytest.raises(ValueError, match="empty.txt is empty"):
-    pipeline.train_iterator(cfg, tokenizer, 2, seed=0, process_index=0, process_count=1)
+    pipeline.train_iterator(cfg, tokenizer, 2, seed=0)
   with pytest.raises(ValueError, match="empty.txt is empty"):
     pipeline.eval_batches_from_file(str(tmp_path / "empty.txt"), cfg, tokenizer, 2)
 
 
 def test_unknown_source_and_bad_records_are_errors(tmp_path, tokenizer):
   with pytest.raises(ValueError, match="unknown data source 'csv'"):
-    pipeline.train_iterator(_cfg(tmp_path, source="csv"), tokenizer, 2, seed=0, process_index=0, process_count=1)
+    pipeline.train_iterator(_cfg(tmp_path, source="csv"), tokenizer, 2, seed=0)
   (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
   with pytest.raises(ValueError, match="record 1 has no string field 'text'"):
     pipeline.documents(_cfg(tmp_path, paths=str(tmp_path / "bad.jsonl")), "train")

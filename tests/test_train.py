@@ -18,6 +18,9 @@ from ministral_jax.checkpoint import orbax_io
 from ministral_jax.model import config, transformer
 from ministral_jax.train import distill
 
+
+# Every test here shares the module's fixtures: one xdist worker builds them once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("train_straight")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = [  # a few seconds of training per run: 1 layer, 32 tokens, 16 steps
     "--config=configs/pretrain_tiny.py", "--config.train.steps=16", "--config.train.log_every=2",

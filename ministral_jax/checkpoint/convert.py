@@ -11,6 +11,16 @@ Weights holding NaN or Inf (a damaged file, a diverged run) stop the
 conversion with the tensor named and nothing written, unless
 `--allow_non_finite`: a converted checkpoint should never be the place where
 damage becomes invisible.
+
+On a pod slice, run it on every host (one process each, as `launch.tpu run`
+or `launch.local_pod` start them): the processes join first, load onto a mesh
+over all their devices (`--mesh`, default fsdp over all of them) with each
+host reading only its own slices of an HF / native source, and write the
+destination once (HF / native: streamed a layer at a time to process 0;
+orbax: every host writes its shards). Only process 0 prints its result; a
+bad input is the same error on every process, which all exit with status 2.
+One process keeps its params on the host unless `--mesh` is given, so a
+model larger than one accelerator converts on a machine that has one.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from ministral_jax import sharding
 from ministral_jax.checkpoint import hf, native, safetensors_io
 from ministral_jax.errors import EXIT_USER_ERROR, UserError
 from ministral_jax.model import transformer
@@ -34,9 +45,10 @@ FORMATS = ("hf", "native", "orbax")
 Params = dict[str, Any]
 
 
-def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool) -> tuple[Params, ModelConfig]:
+def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool,
+                partitioner: Any = None) -> tuple[Params, ModelConfig]:
   from ministral_jax.checkpoint import orbax_io  # lazy: orbax is heavy and optional here
-  params, cfg = orbax_io.load_params(path, allow_non_finite=allow_non_finite)
+  params, cfg = orbax_io.load_params(path, partitioner, allow_non_finite=allow_non_finite)
   if dtype is None:
     return params, cfg
   params = _cast(params, dtype)
@@ -44,10 +56,15 @@ def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool) -> tuple[P
 
 
 def _cast(params: Params, dtype: str) -> Params:
-  """Leaf by leaf, so at most one leaf exists in both dtypes."""
+  """Leaf by leaf, so at most one leaf exists in both dtypes. Arrays spread over several processes are cast
+  where they lie (no host holds them whole); the rest on the host, as they always were."""
   target = safetensors_io.to_np_dtype(dtype)
-  return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(target)
-          for k, v in params.items()}
+
+  def cast(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x.astype(target)
+    return np.asarray(x).astype(target)
+  return {k: _cast(v, dtype) if isinstance(v, dict) else cast(v) for k, v in params.items()}
 
 
 def _save_orbax(params: Params, cfg: ModelConfig, path: str, overwrite: bool, max_shard_bytes: int,
@@ -58,10 +75,18 @@ def _save_orbax(params: Params, cfg: ModelConfig, path: str, overwrite: bool, ma
                        extra_metadata=extra_metadata)
 
 
-# (path, dtype, allow_non_finite) -> (params, config)
-LOADERS: dict[str, Callable[[str, str | None, bool], tuple[Params, ModelConfig]]] = {
-    "hf": lambda path, dtype, nf: hf.load_hf(path, dtype=dtype, allow_non_finite=nf),
-    "native": lambda path, dtype, nf: native.load_native(path, dtype=dtype, allow_non_finite=nf),
+def _shardings(partitioner: Any) -> Any:
+  """What the safetensors loaders take: the partitioner's shardings as a function of the checkpoint's
+  config (known only once its files are read), or None for host arrays."""
+  return partitioner.param_shardings if partitioner is not None else None
+
+
+# (path, dtype, allow_non_finite, partitioner or None) -> (params, config)
+LOADERS: dict[str, Callable[[str, str | None, bool, Any], tuple[Params, ModelConfig]]] = {
+    "hf": lambda path, dtype, nf, part: hf.load_hf(path, dtype=dtype, allow_non_finite=nf,
+                                                   shardings=_shardings(part)),
+    "native": lambda path, dtype, nf, part: native.load_native(path, dtype=dtype, allow_non_finite=nf,
+                                                               shardings=_shardings(part)),
     "orbax": _load_orbax,
 }
 # (params, config, path, overwrite, max_shard_bytes, allow_non_finite)
@@ -117,12 +142,8 @@ def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None)
       safetensors_io.check_same_architecture(cfg, saved, f"orbax checkpoint {path}")
     exec_fields = {k: v for k, v in (cfg or saved).to_dict().items() if k not in ARCH_FIELDS}
     return orbax_io.load_params(path, partitioner, **exec_fields)
-  shardings = partitioner.param_shardings(cfg) if (partitioner is not None and cfg is not None) else None
   loader = hf.load_hf if fmt == "hf" else native.load_native
-  params, loaded_cfg = loader(path, cfg=cfg, shardings=shardings)
-  if partitioner is not None and shardings is None:
-    params = partitioner.shard_params(params, loaded_cfg)
-  return params, loaded_cfg
+  return loader(path, cfg=cfg, shardings=_shardings(partitioner))
 
 
 # Tokenizer files a Hugging Face or Mistral-native release ships beside its weights, in order of preference.
@@ -175,22 +196,47 @@ def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,
             overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
-            allow_non_finite: bool = False) -> ModelConfig:
+            allow_non_finite: bool = False, partitioner: Any = None) -> ModelConfig:
   """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config.
 
   Weights holding NaN or Inf are an error (nothing is written) unless `allow_non_finite`.
+  `partitioner`: load onto its mesh (each process reading only its shards) instead of the host; needed
+  on a multi-process job, where every process calls this with the same arguments.
   """
   for name, fmt in (("source", src_format), ("destination", dst_format)):
     if fmt not in FORMATS:
       raise UserError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
   tokenizer = recorded_tokenizer(src)
-  params, cfg = LOADERS[src_format](src, dtype, allow_non_finite)
+  params, cfg = LOADERS[src_format](src, dtype, allow_non_finite, partitioner)
   if dst_format == "orbax":  # the orbax checkpoint records the tokenizer its source shipped with
     _save_orbax(params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite,
                 extra_metadata={"tokenizer": tokenizer} if tokenizer else None)
   else:
     SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite)
   return cfg
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`--mesh` ("fsdp=-1", "data=1,fsdp=-1,tensor=2") -> mesh sizes; axes not named are 1."""
+  sizes: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    axis, _, value = part.partition("=")
+    try:
+      sizes[axis.strip()] = int(value)
+    except ValueError:
+      raise UserError(f"--mesh={text}: '{part}' is not <axis>=<size> with an integer size (-1: the rest); "
+                      f"axes: {list(sharding.MESH_AXES)}.") from None
+  if not sizes:
+    raise UserError(f"--mesh={text!r} names no axis; e.g. --mesh=fsdp=-1 or --mesh=data=1,fsdp=-1,tensor=1.")
+  return sizes
+
+
+def _partitioner(mesh: str | None) -> Any:
+  """The mesh to load onto: --mesh if given; fsdp over all devices on a multi-process job (no device of
+  one process can hold what the others read); none (host arrays) for one process by default."""
+  if mesh is None and jax.process_count() == 1:
+    return None
+  return sharding.Partitioner.from_config(parse_mesh(mesh or "fsdp=-1"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -206,16 +252,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="largest safetensors shard written (hf/native targets)")
   parser.add_argument("--allow_non_finite", action="store_true",
                       help="convert weights holding NaN or Inf (default: an error naming the tensor)")
+  parser.add_argument("--mesh", default=None,
+                      help="mesh to load onto, e.g. fsdp=-1 or data=1,fsdp=-1,tensor=1 (default: fsdp over "
+                           "all devices on a multi-process job, host memory on one process)")
   args = parser.parse_args(argv)
   start = time.time()
   try:
+    if not jax.distributed.is_initialized():  # a program calling main() may have joined already
+      sharding.initialize_distributed()  # before anything touches a device
     cfg = convert(args.src_format, args.dst_format, args.src, args.dst, args.dtype, args.overwrite,
-                  int(args.max_shard_gb * 1e9), args.allow_non_finite)
+                  int(args.max_shard_gb * 1e9), args.allow_non_finite, _partitioner(args.mesh))
   except (UserError, FileExistsError, FileNotFoundError) as e:  # bad input: a message, not a traceback
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(EXIT_USER_ERROR) from None
-  print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
-        f"{cfg.param_dtype}) in {time.time() - start:.1f}s")
+  if jax.process_index() == 0:
+    print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
+          f"{cfg.param_dtype}) in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":

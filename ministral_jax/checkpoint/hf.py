@@ -216,8 +216,11 @@ def load_hf(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
   `cfg`: optional; its architecture must agree with config.json, and its
   execution fields (remat, scan, ...) are kept. `dtype`: cast the weights
   (default: keep the checkpoint's). `shardings`: a tree of
-  `jax.sharding.Sharding` shaped like the params; each leaf goes to its
-  devices as soon as it is read (else leaves are host numpy arrays).
+  `jax.sharding.Sharding` shaped like the params, or a function of the
+  checkpoint's config that returns one (`Partitioner.param_shardings`); each
+  process then reads only the slices of each tensor its own devices hold
+  and gets global arrays (else leaves are host numpy arrays). On a
+  multi-process job every process calls this with the same arguments.
   Names, shapes and files are all checked before any weight is read; a
   tensor holding NaN or Inf is an error naming it and its file unless
   `allow_non_finite`.
@@ -244,16 +247,22 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | Path, max_shard_bytes: in
   Written into a temporary sibling directory and renamed into place; an
   existing non-empty `path` is refused unless `overwrite`. `dtype` casts the
   stored tensors (default: the params' own dtype). Params holding NaN or Inf
-  are refused (nothing is written) unless `allow_non_finite`.
+  are refused (nothing is written) unless `allow_non_finite`. Params spread
+  over several processes are streamed a layer at a time to process 0, which
+  writes; every process must call this.
   """
   io.check_params(params, cfg)
   np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
   maps = io.decoder_maps(cfg, hf_names())
   dtype_name = (np_dtype or io.to_np_dtype(params["tok_embeddings"].dtype)).name
-  with io.atomic_directory(path, overwrite) as tmp:
+
+  def fill(tmp: Path | None) -> None:
     weight_map, total_bytes = io.write_shards(tmp, params, maps, cfg, _shard_name, max_shard_bytes, np_dtype,
                                               allow_non_finite)
+    if tmp is None:
+      return
     if len(set(weight_map.values())) > 1:
       io.write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     io.write_json(tmp / CONFIG_FILE, config_to_hf(cfg, dtype_name))
+  io.write_directory(path, overwrite, fill, collective=io.spread_over_processes(params))
   return Path(path)

@@ -149,7 +149,8 @@ def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 def load_native(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
                 shardings: Any = None, allow_non_finite: bool = False) -> tuple[dict[str, Any], ModelConfig]:
-  """Imports a native checkpoint directory; arguments as `hf.load_hf`."""
+  """Imports a native checkpoint directory; arguments as `hf.load_hf` (with `shardings`, each process reads
+  only its slices: the q/k row interleave is undone per head, on blocks of whole heads)."""
   path = Path(path)
   found = config_from_params_json(io.read_json(path / PARAMS_FILE, "a native checkpoint needs params.json."),
                                   str(path / PARAMS_FILE))
@@ -165,10 +166,14 @@ def _shard_name(k: int, n: int) -> str:
 def save_native(params: Any, cfg: ModelConfig, path: str | Path,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None,
                 overwrite: bool = False, allow_non_finite: bool = False) -> Path:
-  """Exports params.json + consolidated*.safetensors (atomically and checked finite, like `hf.save_hf`)."""
+  """Exports params.json + consolidated*.safetensors (atomically, checked finite and streamed from params
+  spread over several processes, like `hf.save_hf`)."""
   io.check_params(params, cfg)
   np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
-  with io.atomic_directory(path, overwrite) as tmp:
+
+  def fill(tmp: Path | None) -> None:
     io.write_shards(tmp, params, _maps(cfg), cfg, _shard_name, max_shard_bytes, np_dtype, allow_non_finite)
-    io.write_json(tmp / PARAMS_FILE, config_to_params_json(cfg))
+    if tmp is not None:
+      io.write_json(tmp / PARAMS_FILE, config_to_params_json(cfg))
+  io.write_directory(path, overwrite, fill, collective=io.spread_over_processes(params))
   return Path(path)

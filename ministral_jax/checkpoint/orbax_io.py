@@ -225,10 +225,13 @@ def load_params(path: str | epath.Path, partitioner=None, *, allow_non_finite: b
                 **exec_overrides: Any) -> tuple[Any, ModelConfig]:
   """Restores params (sharded by `partitioner`'s rules if given, else on one device), verified.
 
-  The arrays are restored in their saved dtype so that their fingerprints can
-  be checked, then cast leaf by leaf when `param_dtype` was overridden.
-  `allow_non_finite` accepts NaN/Inf (a checkpoint saved with it); the
-  fingerprints are still checked.
+  On a multi-process job without a partitioner the params are sharded fsdp
+  over all devices (`default_partitioner`): one device of process 0 cannot
+  be the default there, since the other processes could not address it.
+  Every process must call this. The arrays are restored in their saved dtype
+  so that their fingerprints can be checked, then cast leaf by leaf when
+  `param_dtype` was overridden. `allow_non_finite` accepts NaN/Inf (a
+  checkpoint saved with it); the fingerprints are still checked.
   """
   path = epath.Path(path)
   cfg = load_config(path, **exec_overrides)
@@ -236,8 +239,7 @@ def load_params(path: str | epath.Path, partitioner=None, *, allow_non_finite: b
   stored = _stored_arrays(path)
   _check_tree_matches_config(stored, cfg, where=f"checkpoint {path}")
   abstract = transformer.abstract_params(cfg)
-  shardings = (partitioner.param_shardings(cfg) if partitioner is not None
-               else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
+  shardings = _target_shardings(partitioner, cfg, abstract)
   saved_dtype = {jax.tree_util.keystr(p): m.dtype for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
   target = jax.tree_util.tree_map_with_path(
       lambda p, a, s: jax.ShapeDtypeStruct(a.shape, saved_dtype[jax.tree_util.keystr(p)], sharding=s),
@@ -248,6 +250,26 @@ def load_params(path: str | epath.Path, partitioner=None, *, allow_non_finite: b
   leaves, treedef = jax.tree.flatten(params)
   del params  # so that each saved-dtype leaf is freed as soon as its cast exists
   return jax.tree.unflatten(treedef, _cast_each(leaves, jnp.dtype(cfg.param_dtype))), cfg
+
+
+def _target_shardings(partitioner: Any, cfg: ModelConfig, abstract: Any) -> Any:
+  """The partitioner's shardings; without one, one device (one process) or `default_partitioner`'s."""
+  if partitioner is not None:
+    return partitioner.param_shardings(cfg)
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  try:
+    return default_partitioner().param_shardings(cfg)
+  except UserError as e:
+    raise UserError(f"{e}\nNo partitioner was given, so load_params sharded fsdp over all {jax.device_count()} "
+                    "devices of the job; pass a partitioner whose mesh divides these dimensions.") from None
+
+
+def default_partitioner() -> Any:
+  """fsdp over every device of the job: the layout that spreads any model's params evenly over all hosts
+  with nothing to configure (what `load_params` and `convert` use on a pod when not told otherwise)."""
+  from ministral_jax import sharding
+  return sharding.Partitioner.from_config(sharding.mesh_config(data=1, fsdp=-1, tensor=1))
 
 
 def _stored_arrays(path: epath.Path) -> Any:

@@ -9,22 +9,35 @@ within each head. Everything else lives here once:
   sizes BEFORE a byte of weights is read, so a wrong or truncated checkpoint
   fails in milliseconds with a precise message instead of after minutes of I/O;
 - filling each stacked `[layers, ...]` leaf layer by layer into one
-  preallocated array (the only host copy of that leaf), optionally moving it
-  to its device sharding right away, and checking each layer finite as it
-  lands (a NaN in a file is named by tensor and file, not found later as a
-  NaN loss);
+  preallocated array (the only host copy of that leaf), and checking each
+  layer finite as it lands (a NaN in a file is named by tensor and file, not
+  found later as a NaN loss);
+- with shardings, reading only what this process's devices hold: each
+  distinct device shard is filled layer by layer from slices of the memory
+  mapped tensors, put on its devices and dropped, so a host of a pod never
+  holds more than one shard plus one layer's slice, and never reads the
+  parts of a tensor other hosts hold;
 - writing shards one layer at a time into a temporary sibling directory
   that is renamed into place only when complete, with the permissions a
-  plain `open()` would give.
+  plain `open()` would give; params spread over several processes are
+  gathered a layer at a time (every process takes part) and written by
+  process 0 alone.
 
 A format is described by a list of `TensorMap`s (`decoder_maps`): one per
-param leaf, naming the checkpoint tensor(s) and the two conversions.
+param leaf, naming the checkpoint tensor(s) and the conversions, including
+how a block of our leaf maps back to rows and columns of the tensor.
+
+On a multi-process job the processes agree on every error (`agree`): one
+that fails while the others carry on would leave them waiting forever in
+their next collective, so each step ends with all of them raising the same
+error, or none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,13 +53,19 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ministral_jax import multihost
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, check_type
 
 Array = np.ndarray
 LeafPath = tuple[str, ...]
+Index = tuple[slice, ...]  # explicit [start, stop) slices, one per dimension
+Read = Callable[[Index], Array]  # one checkpoint tensor's block at this index (a memory-map slice)
+# (read, index into our layout of one tensor) -> our block at that index
+BlockReader = Callable[[Read, Index], Array]
 
 # safetensors header dtype codes -> numpy dtypes (the float formats checkpoints use).
 _DTYPES = {
@@ -59,6 +78,7 @@ _LISTED = 20  # names shown in one error message before "... and N more"
 _FINITE_CHUNK = 1 << 24  # elements per isfinite call: bounds its temporary bool array
 _NON_FINITE_FIX = ("use an intact checkpoint, or pass allow_non_finite=True (convert: --allow_non_finite) "
                    "to keep them")
+_bytes_read = 0  # tensor bytes this process has read from safetensors files (`bytes_read`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +95,17 @@ class TensorMap:
 
   `name` holds `{i}` for leaves stacked over layers (one tensor per layer);
   `shape` is the checkpoint shape of one tensor; `to_ours` / `to_theirs`
-  convert one tensor (one layer) between the two layouts.
+  convert one tensor (one layer) between the two layouts. `read_ours` gives
+  a block of `to_ours(tensor)` while reading only the part of the tensor it
+  comes from, so a sharded load reads each device's shard, not the tensor;
+  without it the whole tensor is read and converted, then cut.
   """
   leaf: LeafPath
   name: str
   shape: tuple[int, ...]
   to_ours: Callable[[Array], Array]
   to_theirs: Callable[[Array], Array]
+  read_ours: BlockReader | None = None
 
   @property
   def stacked(self) -> bool:
@@ -89,6 +113,12 @@ class TensorMap:
 
   def names(self, n_layers: int) -> list[str]:
     return [self.name.format(i=i) for i in range(n_layers)] if self.stacked else [self.name]
+
+  def block(self, read: Read, index: Index) -> Array:
+    """`to_ours(tensor)[index]`, from as little of the tensor as `read_ours` knows how to read."""
+    if self.read_ours is not None:
+      return self.read_ours(read, index)
+    return self.to_ours(read(tuple(slice(0, n) for n in self.shape)))[index]
 
 
 # --------------------------------------------------------------------------
@@ -108,37 +138,82 @@ def decoder_maps(cfg: ModelConfig, names: Mapping[str, str],
   `qk_from_half` is its inverse.
   """
   d, hd, f, v = cfg.d_model, cfg.head_dim, cfg.d_ffn, cfg.vocab_size
-  same = lambda x: x  # noqa: E731
-  t = lambda x: x.T  # noqa: E731
+  same = (lambda x: x, lambda x: x, _same_block)
+  t = (lambda x: x.T, lambda x: x.T, _transposed_block)
 
-  def heads_in(heads: int, rows: RowOrder | None, back: RowOrder | None) -> tuple[Callable, Callable]:
+  def heads_in(heads: int, rows: RowOrder | None, back: RowOrder | None) -> tuple[Callable, ...]:
     """[heads*hd, d] (torch Linear) <-> [d, heads, hd]."""
     rows = rows or (lambda x, _: x)
     back = back or (lambda x, _: x)
     return (lambda x: rows(x, heads).T.reshape(d, heads, hd),
-            lambda y: back(y.reshape(d, heads * hd).T, heads))
+            lambda y: back(y.reshape(d, heads * hd).T, heads),
+            functools.partial(_heads_in_block, head_dim=hd, rows=rows))
 
   q_in = heads_in(cfg.n_heads, qk_to_half, qk_from_half)
   k_in = heads_in(cfg.n_kv_heads, qk_to_half, qk_from_half)
   v_in = heads_in(cfg.n_kv_heads, None, None)
-  o_out = (lambda x: x.T.reshape(cfg.n_heads, hd, d), lambda y: y.reshape(cfg.n_heads * hd, d).T)
+  o_out = (lambda x: x.T.reshape(cfg.n_heads, hd, d), lambda y: y.reshape(cfg.n_heads * hd, d).T,
+           functools.partial(_heads_out_block, head_dim=hd))
   layer = lambda *p: ("layers",) + p  # noqa: E731
   maps = [
-      TensorMap(("tok_embeddings",), names["tok_embeddings"], (v, d), same, same),
-      TensorMap(layer("attention_norm", "scale"), names["attention_norm"], (d,), same, same),
+      TensorMap(("tok_embeddings",), names["tok_embeddings"], (v, d), *same),
+      TensorMap(layer("attention_norm", "scale"), names["attention_norm"], (d,), *same),
       TensorMap(layer("attention", "wq"), names["wq"], (cfg.n_heads * hd, d), *q_in),
       TensorMap(layer("attention", "wk"), names["wk"], (cfg.n_kv_heads * hd, d), *k_in),
       TensorMap(layer("attention", "wv"), names["wv"], (cfg.n_kv_heads * hd, d), *v_in),
       TensorMap(layer("attention", "wo"), names["wo"], (d, cfg.n_heads * hd), *o_out),
-      TensorMap(layer("ffn_norm", "scale"), names["ffn_norm"], (d,), same, same),
-      TensorMap(layer("feed_forward", "w1"), names["w1"], (f, d), t, t),
-      TensorMap(layer("feed_forward", "w2"), names["w2"], (d, f), t, t),
-      TensorMap(layer("feed_forward", "w3"), names["w3"], (f, d), t, t),
-      TensorMap(("norm", "scale"), names["norm"], (d,), same, same),
+      TensorMap(layer("ffn_norm", "scale"), names["ffn_norm"], (d,), *same),
+      TensorMap(layer("feed_forward", "w1"), names["w1"], (f, d), *t),
+      TensorMap(layer("feed_forward", "w2"), names["w2"], (d, f), *t),
+      TensorMap(layer("feed_forward", "w3"), names["w3"], (f, d), *t),
+      TensorMap(("norm", "scale"), names["norm"], (d,), *same),
   ]
   if not cfg.tie_embeddings:
-    maps.append(TensorMap(("output",), names["output"], (v, d), t, t))
+    maps.append(TensorMap(("output",), names["output"], (v, d), *t))
   return maps
+
+
+# Block readers: our index of one tensor -> the rows / columns of the checkpoint tensor it comes from.
+def _same_block(read: Read, index: Index) -> Array:
+  """Embeddings and norms: the same layout, so the same index."""
+  return read(index)
+
+
+def _transposed_block(read: Read, index: Index) -> Array:
+  """Ours [a, b] is theirs [b, a].T: rows of theirs are our columns."""
+  return read(index[::-1]).T
+
+
+def _head_rows(heads: slice, head_dim: int) -> slice:
+  """The rows (or columns) `[heads*head_dim]` of whole heads `heads`."""
+  return slice(heads.start * head_dim, heads.stop * head_dim)
+
+
+def _heads_in_block(read: Read, index: Index, head_dim: int, rows: RowOrder) -> Array:
+  """Ours [d, heads, hd] from theirs [heads*hd, d]: the rows of whole heads, the columns of our `d`.
+
+  The row order (Mistral-native q/k interleave) permutes rows within each
+  head, so it applies to a block of whole heads as to the tensor. A split of
+  head_dim itself (no default rule makes one) reads the whole heads and cuts
+  them: under the interleave, half of a head's dims come from rows spread
+  over all of the head (whole heads are the covering block); in HF order
+  this reads more than needed, which only such a custom rule would cost.
+  """
+  d_part, heads, within = index
+  n = heads.stop - heads.start
+  block = rows(read((_head_rows(heads, head_dim), d_part)), n)
+  return block.T.reshape(block.shape[1], n, head_dim)[:, :, within]
+
+
+def _heads_out_block(read: Read, index: Index, head_dim: int) -> Array:
+  """Ours [heads, hd, d] from theirs [d, heads*hd] (wo): the columns of whole heads, the rows of our `d`.
+
+  A split of head_dim reads whole heads too, as in `_heads_in_block`.
+  """
+  heads, within, d_part = index
+  n = heads.stop - heads.start
+  block = read((d_part, _head_rows(heads, head_dim)))
+  return block.T.reshape(n, head_dim, block.shape[0])[:, within, :]
 
 
 # --------------------------------------------------------------------------
@@ -278,44 +353,109 @@ def dtype_of(infos: Mapping[str, TensorInfo], name: str) -> np.dtype:
 def read_params(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg: ModelConfig,
                 dtype: np.dtype, shardings: Any = None, source: str = "the checkpoint",
                 allow_non_finite: bool = False) -> dict[str, Any]:
-  """Streams tensors into the param tree: one preallocated array per leaf.
+  """Streams tensors into the param tree.
 
-  With `shardings` (a tree shaped like the params), each finished leaf is put
-  on its devices and the host array is dropped before the next leaf is read.
-  Each layer is checked finite right after its cast (so a float16 overflow is
-  caught too) while it is still in cache; `allow_non_finite` skips that.
+  Without `shardings`, each leaf is one preallocated host array (its only
+  host copy) filled a layer at a time. With `shardings` (a tree shaped like
+  the params), each leaf is assembled from its devices' shards: every
+  distinct shard this process's devices hold is filled layer by layer from
+  slices of the tensors, put on those devices and dropped, so a process reads
+  only its own parts and holds one shard plus one layer's slice at a time.
+  Each layer is checked finite right after its cast (so a float16 overflow
+  is caught too) while it is still in cache; `allow_non_finite` skips that.
+  On a multi-process job a bad tensor in the part one process reads stops
+  every process with the same message (`agree`).
   """
   abstract = transformer.abstract_params(cfg)
+  agreeing = shardings is not None and any(not s.is_fully_addressable for s in jax.tree.leaves(shardings))
   params: dict[str, Any] = {}
+  error = None
   with contextlib.ExitStack() as stack:
-    handles: dict[Path, Any] = {}
-
-    def tensor(name: str) -> Array:
-      file = infos[name].file
-      try:
-        if file not in handles:
-          handles[file] = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
-        return handles[file].get_tensor(name)
-      except (safetensors.SafetensorError, OSError) as e:
-        raise UserError(f"{file} could not be read ({_first_line(e)}): it is damaged or truncated. Restore "
-                        "it from a copy, or download it again.") from None
-
-    for m in maps:
-      out = np.empty(_get(abstract, m.leaf).shape, dtype)  # [layers, ...] or unstacked
-      for i, name in enumerate(m.names(cfg.n_layers)):
-        value = m.to_ours(tensor(name))
-        target = out[i] if m.stacked else out
-        if value.shape != target.shape:  # a bug in a TensorMap, not in the checkpoint
-          raise AssertionError(f"{name} -> {m.leaf}: {value.shape} != {target.shape}")
-        target[...] = value  # casts to `dtype`; only one layer is ever held twice
-        if not allow_non_finite and not all_finite(target):
-          raise UserError(f"{source}: tensor '{name}' in {infos[name].file} holds NaN or Inf"
-                          f"{_overflow_note(value, dtype)}; {_NON_FINITE_FIX}.")
-      if shardings is not None:
-        out = jax.device_put(out, _get(shardings, m.leaf))
-      _set(params, m.leaf, out)
-      del out
+    blocks = _Blocks(infos, stack, dtype, source, allow_non_finite)
+    try:
+      for m in maps:
+        shape = _get(abstract, m.leaf).shape
+        out = (blocks.leaf_block(m, _whole(shape)) if shardings is None
+               else _sharded_leaf(blocks, m, shape, _get(shardings, m.leaf)))
+        _set(params, m.leaf, out)
+        del out
+    except UserError as e:
+      if not agreeing:
+        raise
+      error = e
+  if agreeing:
+    multihost.agree(error)
   return params
+
+
+def bytes_read() -> int:
+  """Tensor bytes this process has read from safetensors files so far: what a sharded load saves shows
+  here (each host of a pod reads about its share, not the model)."""
+  return _bytes_read
+
+
+class _Blocks:
+  """Blocks of our leaves, read from the checkpoint's tensors (each file opened once, memory-mapped)."""
+
+  def __init__(self, infos: Mapping[str, TensorInfo], stack: contextlib.ExitStack, dtype: np.dtype,
+               source: str, allow_non_finite: bool):
+    self.infos, self.stack, self.dtype = infos, stack, dtype
+    self.source, self.allow_non_finite = source, allow_non_finite
+    self.handles: dict[Path, Any] = {}
+
+  def read(self, name: str, index: Index) -> Array:
+    """Tensor `name` at `index` (its own layout); only those bytes leave the memory map."""
+    global _bytes_read
+    file = self.infos[name].file
+    try:
+      if file not in self.handles:
+        self.handles[file] = self.stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+      value = self.handles[file].get_slice(name)[index]
+    except (safetensors.SafetensorError, OSError) as e:
+      raise UserError(f"{file} could not be read ({_first_line(e)}): it is damaged or truncated. Restore "
+                      "it from a copy, or download it again.") from None
+    _bytes_read += value.nbytes
+    return value
+
+  def leaf_block(self, m: TensorMap, index: Index) -> Array:
+    """Our leaf at `index` (over `[layers, ...]` when stacked), in `dtype`, filled one layer at a time."""
+    block = np.empty(tuple(s.stop - s.start for s in index), self.dtype)
+    if not m.stacked:
+      self._fill(block, m, m.name, index)
+      return block
+    first = index[0].start
+    for i in range(first, index[0].stop):
+      self._fill(block[i - first], m, m.name.format(i=i), index[1:])
+    return block
+
+  def _fill(self, target: Array, m: TensorMap, name: str, index: Index) -> None:
+    value = m.block(lambda at: self.read(name, at), index)
+    if value.shape != target.shape:  # a bug in a TensorMap, not in the checkpoint
+      raise AssertionError(f"{name} -> {m.leaf}{list(index)}: {value.shape} != {target.shape}")
+    target[...] = value  # casts to `dtype`; only one layer is ever held twice
+    if not self.allow_non_finite and not all_finite(target):
+      raise UserError(f"{self.source}: tensor '{name}' in {self.infos[name].file} holds NaN or Inf"
+                      f"{_overflow_note(value, self.dtype)}; {_NON_FINITE_FIX}.")
+
+
+def _whole(shape: Sequence[int]) -> Index:
+  return tuple(slice(0, n) for n in shape)
+
+
+def _sharded_leaf(blocks: _Blocks, m: TensorMap, shape: tuple[int, ...], sharding: Any) -> jax.Array:
+  """The leaf as one (possibly multi-process) array, from this process's shards only.
+
+  Devices holding the same block (replicas) share one read.
+  """
+  holders: dict[tuple[tuple[int, int], ...], list[Any]] = {}
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    holders.setdefault(tuple(s.indices(n)[:2] for s, n in zip(index, shape)), []).append(device)
+  arrays = []
+  for bounds, devices in holders.items():
+    block = blocks.leaf_block(m, tuple(slice(a, b) for a, b in bounds))
+    arrays += [jax.device_put(block, device) for device in devices]
+    del block
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def all_finite(x: Array) -> bool:
@@ -344,7 +484,9 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   `found` is the config read from the checkpoint's own JSON. Embeddings are
   tied exactly when the checkpoint has no output tensor (3B ships none).
   The params get `dtype`, or the checkpoint's embedding dtype when None; the
-  returned config's `param_dtype` says which.
+  returned config's `param_dtype` says which. `shardings` may be a function
+  of that config (e.g. `Partitioner.param_shardings`), for callers that
+  learn the config only here.
   """
   untied_maps = make_maps(found.replace(tie_embeddings=False))
   output_name = next(m.name for m in untied_maps if m.leaf == ("output",))
@@ -362,6 +504,8 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   if np_dtype.name not in ("float32", "bfloat16", "float16"):
     raise UserError(f"{source} stores {np_dtype.name} weights; pass dtype='bfloat16' or 'float32'.")
   out_cfg = (cfg or found).replace(param_dtype=np_dtype.name, tie_embeddings=found.tie_embeddings)
+  if callable(shardings):
+    shardings = shardings(out_cfg)
   return read_params(infos, maps, out_cfg, np_dtype, shardings, source, allow_non_finite), out_cfg
 
 
@@ -400,7 +544,7 @@ def _write_order(maps: Sequence[TensorMap], n_layers: int) -> list[tuple[TensorM
   return head + body + tail
 
 
-def write_shards(path: Path, params: Any, maps: Sequence[TensorMap], cfg: ModelConfig,
+def write_shards(path: Path | None, params: Any, maps: Sequence[TensorMap], cfg: ModelConfig,
                  shard_name: Callable[[int, int], str], max_shard_bytes: int,
                  dtype: np.dtype | None, allow_non_finite: bool = False) -> tuple[dict[str, str], int]:
   """Writes the params as safetensors shards; returns ({tensor name: file name}, total bytes).
@@ -409,6 +553,12 @@ def write_shards(path: Path, params: Any, maps: Sequence[TensorMap], cfg: ModelC
   filled one layer slice at a time: at most one shard is in host memory. Each
   slice is checked finite as written (a NaN export would poison every job
   that loads it) unless `allow_non_finite`.
+
+  Params spread over several processes (`spread_over_processes`): every
+  process must call this (each layer is gathered by a collective they all
+  join); only process 0 holds the gathered layer and writes, into `path`
+  (None on the other processes). The processes agree on errors after each
+  file, so none is left gathering for a writer that gave up.
   """
   mode = new_file_mode()
   order = _write_order(maps, cfg.n_layers)
@@ -421,27 +571,120 @@ def write_shards(path: Path, params: Any, maps: Sequence[TensorMap], cfg: ModelC
     shard_of.append(shard)
     used += size
   n_shards = shard + 1
+  agreeing = spread_over_processes(params)
+  writer = path is not None and (not agreeing or jax.process_index() == 0)
   weight_map: dict[str, str] = {}
   for k in range(n_shards):
-    tensors = {}
+    file = shard_name(k + 1, n_shards)
+    tensors, error = {}, None
     for (m, i), s in zip(order, shard_of):
       if s != k:
         continue
-      leaf = _get(params, m.leaf)
-      value = np.asarray(leaf[i] if i is not None else leaf)  # one layer, gathered to host
       name = m.name.format(i=i) if i is not None else m.name
-      tensors[name] = np.ascontiguousarray(m.to_theirs(value).astype(leaf_dtype(m), copy=False))
-      if not allow_non_finite and not all_finite(tensors[name]):
-        where = "".join(f"['{key}']" for key in m.leaf) + (f"[{i}]" if i is not None else "")
-        raise UserError(f"The params to save hold NaN or Inf in {where} (tensor '{name}')"
-                        f"{_overflow_note(value, leaf_dtype(m))}; pass allow_non_finite=True (convert: "
-                        "--allow_non_finite) to write them anyway.")
-    file = shard_name(k + 1, n_shards)
-    safetensors.numpy.save_file(tensors, str(path / file), metadata={"format": "pt"})
-    os.chmod(path / file, mode)  # safetensors writes through a private (0600) temporary file
-    weight_map.update({name: file for name in tensors})
+      weight_map[name] = file
+      value = _layer_on_host(_get(params, m.leaf), i)  # None where this process does not write
+      if value is None or error is not None:
+        continue
+      try:
+        tensors[name] = _theirs_checked(m, i, name, value, leaf_dtype(m), allow_non_finite)
+      except UserError as e:
+        if not agreeing:
+          raise
+        error = e
+    if writer and error is None:
+      try:
+        safetensors.numpy.save_file(tensors, str(path / file), metadata={"format": "pt"})
+        os.chmod(path / file, mode)  # safetensors writes through a private (0600) temporary file
+      except OSError as e:
+        if not agreeing:
+          raise
+        error = e
     del tensors
+    if agreeing:
+      multihost.agree(error)
   return weight_map, sum(sizes)
+
+
+def spread_over_processes(tree: Any) -> bool:
+  """Whether some array of `tree` lies partly on other processes' devices: then saving it is a
+  collective job (`write_directory`, `write_shards`) that every process must join."""
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))
+
+
+def _theirs_checked(m: TensorMap, i: int | None, name: str, value: Array, dtype: np.dtype,
+                    allow_non_finite: bool) -> Array:
+  """One layer in the checkpoint's layout and dtype, refused if it holds NaN or Inf."""
+  out = np.ascontiguousarray(m.to_theirs(value).astype(dtype, copy=False))
+  if not allow_non_finite and not all_finite(out):
+    where = "".join(f"['{key}']" for key in m.leaf) + (f"[{i}]" if i is not None else "")
+    raise UserError(f"The params to save hold NaN or Inf in {where} (tensor '{name}')"
+                    f"{_overflow_note(value, dtype)}; pass allow_non_finite=True (convert: "
+                    "--allow_non_finite) to write them anyway.")
+  return out
+
+
+def _layer_on_host(leaf: Any, i: int | None) -> Array | None:
+  """Layer `i` of a leaf (the whole leaf when None) as a host array, on the process that writes.
+
+  An array spread over several processes is gathered onto every device by
+  one collective all processes join; only process 0 copies it to its host
+  (the others get None), so host memory holds one layer, on one host.
+  """
+  if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+    return np.asarray(leaf[i] if i is not None else leaf)
+  sharding = leaf.sharding
+  if isinstance(sharding, NamedSharding):
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    gathered = (_replicated_whole(replicated)(leaf) if i is None
+                else _replicated_layer(replicated)(leaf, np.int32(i)))
+  else:  # no mesh to replicate over: every process gets the layer; the others drop it at once
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(leaf[i] if i is not None else leaf, tiled=True)
+  return np.asarray(gathered) if jax.process_index() == 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated_layer(replicated: NamedSharding) -> Callable[[jax.Array, Any], jax.Array]:
+  """A jitted `x[i]` whose result every device holds (compiled once per leaf shape, not per layer)."""
+  return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=replicated)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated_whole(replicated: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+  return jax.jit(lambda x: x, out_shardings=replicated)
+
+
+def write_directory(path: str | Path, overwrite: bool, fill: Callable[[Path | None], None],
+                    collective: bool = False) -> None:
+  """`atomic_directory(path, overwrite)` filled by `fill(tmp)`, by one process or, if `collective`, by
+  every process of the job together.
+
+  Collective: every process calls this and `fill` (so their collectives
+  match), `tmp` being the temporary directory on process 0 and None
+  elsewhere. Process 0 alone checks `path`, creates the temporary directory
+  and renames it into place, once; the others wait for that at the final
+  `agree`, which also hands every process the same error if any step failed
+  anywhere (the temporary directory is then removed).
+  """
+  if not collective:
+    with atomic_directory(path, overwrite) as tmp:
+      fill(tmp)
+    return
+  with contextlib.ExitStack() as stack:
+    tmp, error = None, None
+    if jax.process_index() == 0:
+      try:
+        tmp = stack.enter_context(atomic_directory(path, overwrite))
+      except Exception as e:  # noqa: BLE001 - handed to every process by agree
+        error = e
+    multihost.agree(error)
+    try:
+      fill(tmp)
+      if tmp is not None:
+        stack.close()  # the rename into place
+    except Exception as e:  # noqa: BLE001 - handed to every process by agree
+      error = e
+    multihost.agree(error)
 
 
 @contextlib.contextmanager

@@ -1,13 +1,24 @@
 """The input pipeline the trainer calls: config block, tokenizer, train and eval batches.
 
-Training data is an infinite, seeded, per-process-sharded stream of packed
-batches whose position is a small JSON-serialisable state: the trainer saves
-`it.get_state()` next to the model checkpoint and a fresh iterator given that
-state with `set_state` continues the exact same stream, so a resumed run sees
-the same batches an uninterrupted one would have. Everything is grain: a
-random-access `MapDataset` of documents (see `sources.py`) is sharded by
-process, shuffled (reshuffled every epoch), tokenized lazily, and packed by
-grain's checkpointable concat-then-split (see `packing.py`).
+Training data is an infinite (or `epochs`-long), seeded stream of packed
+global batches whose position is a small JSON-serialisable state: the trainer
+saves `it.get_state()` next to the model checkpoint and a fresh iterator
+given that state with `set_state` continues the exact same stream, so a
+resumed run sees the same batches an uninterrupted one would have.
+
+Row slots. Row r of every global batch of B rows is the next packed row of
+slot r: documents r, r+B, r+2B, ... of the shuffled stream, concatenated and
+cut on their own. A process materialises only its rows of the batch (the
+rows its devices hold, `Partitioner.process_rows`) and tokenizes only their
+documents, so 2 processes x 4 devices see exactly the global batches that 1
+process x 8 devices sees, each host reads its own share, and a checkpoint
+(the state of every slot) resumes on any process count.
+
+Everything is grain: a random-access `MapDataset` of documents (see
+`sources.py`) is shuffled (reshuffled every epoch), split into slots,
+tokenized lazily and packed by grain's checkpointable concat-then-split (see
+`packing.py`), each slot reading ahead on its own thread; the slots are
+zipped into batches.
 
 All configuration and data errors (unknown source, missing or empty files,
 globs matching nothing, an empty split) are raised when the iterator or the
@@ -23,6 +34,7 @@ from typing import Any, Iterator
 
 import grain
 import ml_collections
+import numpy as np
 
 from ministral_jax.data import packing, sources, spm_train
 from ministral_jax.data.tokenizers import Tokenizer, load_tokenizer
@@ -30,9 +42,11 @@ from ministral_jax.errors import UserError
 
 SOURCES = ("builtin", "text", "jsonl", "tfds")
 SPLITS = ("train", "eval")
-STATE_VERSION = 1
-# Tokenizing is a few ms per document; a small read-ahead keeps restores cheap.
+STATE_VERSION = 2
+# Eval passes tokenize a few ms per document on a few threads; a small read-ahead keeps them cheap.
 _READ_OPTIONS = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=32)
+# Each training slot tokenizes a couple of documents ahead on its own thread.
+_SLOT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 # The tokenizer's training sample is drawn in this fixed order, independent of the run's seed.
 _SPM_SAMPLE_SEED = 0
 
@@ -123,17 +137,6 @@ def tokenizer_cache(workdir: str) -> pathlib.Path:
   return pathlib.Path(workdir) / "tokenizer"
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
-  return process_index, process_count
-
-
 def _mix_seed(*seeds: int) -> int:
   """A 32-bit shuffle seed. Hashing keeps seeds apart: grain reshuffles epoch e with seed+e,
   so raw seeds 0 and 1 would replay each other's epochs one epoch apart."""
@@ -141,50 +144,60 @@ def _mix_seed(*seeds: int) -> int:
 
 
 def _batches(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> grain.IterDataset:
-  """Tokenize lazily (a few threads read ahead), pack, batch."""
+  """Tokenize lazily (a few threads read ahead), pack, batch: one stream (the eval passes)."""
   if batch_size < 1:
     raise UserError(f"batch_size must be positive, got {batch_size}")
   examples = docs.map(packing.tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS)
   return packing.pack(examples, seq_len).batch(batch_size)
 
 
+def _rows(rows: tuple[int, int] | None, global_batch: int) -> tuple[int, int]:
+  start, stop = rows or (0, global_batch)
+  if global_batch < 1 or not 0 <= start < stop <= global_batch:
+    raise UserError(f"rows {rows} are not a range within the global batch of {global_batch}")
+  return start, stop
+
+
+def _stack(rows: tuple[packing.Batch, ...]) -> packing.Batch:
+  return {k: np.stack([r[k] for r in rows]) for k in packing.FEATURES}
+
+
 def train_iterator(
     data_cfg: ml_collections.ConfigDict,
     tokenizer: Tokenizer,
-    batch_size: int,
+    global_batch: int,
     seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> DataIterator:
-  """Infinite stream of this process's packed training batches (dicts of int32 [batch_size, seq_len]).
+  """This process's rows `[start, stop)` of each packed global batch (dicts of int32 [stop - start, seq_len]).
 
-  Process p of n reads documents p, p+n, p+2n, ... so processes never share a
-  document; `batch_size` is per process. Each epoch is reshuffled with a
+  Row r comes from slot r (see the module docstring), so the global batches do
+  not depend on how many processes read them. Each epoch is reshuffled with a
   seed derived from (data_cfg.shuffle_seed, seed, epoch).
   """
-  process_index, process_count = _process(process_index, process_count)
-  shard = documents(data_cfg, "train")[process_index::process_count]
-  if len(shard) == 0:
-    raise UserError(f"process {process_index} of {process_count} gets no training documents; the corpus is too small")
+  start, stop = _rows(rows, global_batch)
+  docs = documents(data_cfg, "train")
   shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
-  stream = shard.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None)[data_cfg.start_document:]
-  batches = _batches(stream, tokenizer, data_cfg.seq_len, batch_size)
+  stream = docs.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None)[data_cfg.start_document:]
+  tokenize = packing.tokenize_fn(tokenizer)
+  slots = [packing.pack(stream[r::global_batch].map(tokenize).to_iter_dataset(_SLOT_READ_OPTIONS), data_cfg.seq_len)
+           for r in range(start, stop)]
+  batches = grain.experimental.ZipIterDataset(slots, strict=False).map(_stack)
   identity = {
       "source": data_cfg.source,
-      "documents": len(shard),
+      "documents": len(docs),
       "seq_len": data_cfg.seq_len,
       "shuffle_seed": shuffle_seed,
-      "process_index": process_index,
-      "process_count": process_count,
+      "global_batch": global_batch,
       "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
       "start_document": data_cfg.start_document,
       "epochs": data_cfg.epochs,
   }
-  return DataIterator(iter(batches), identity=identity)
+  return DataIterator(iter(batches), identity=identity, rows=(start, stop))
 
 
-def _documents_read(state: Any) -> int:
-  """Documents handed to the packer so far, from grain's nested state.
+def _slot_documents_read(state: Any) -> int:
+  """Documents one slot's packer has taken from its share of the stream, from grain's nested state.
 
   The packer's state is its parent's position before the documents in its
   buffer, plus how many those are (`elements_from_buffer_after_checkpoint`):
@@ -195,9 +208,29 @@ def _documents_read(state: Any) -> int:
     if "next_index" in state:
       return int(state["next_index"])
     if "parent_state" in state:
-      return _documents_read(state["parent_state"]) + int(state.get("elements_from_buffer_after_checkpoint", 0))
-    return max((_documents_read(v) for v in state.values()), default=0)
+      return _slot_documents_read(state["parent_state"]) + int(state.get("elements_from_buffer_after_checkpoint", 0))
+    return max((_slot_documents_read(v) for v in state.values()), default=0)
   return 0
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+  """The states of every process (in any order, from any process count) as one state of all slots."""
+  if not states:
+    raise UserError("no data-iterator state to restore")
+  for st in states:
+    if st.get("version") != STATE_VERSION:
+      raise UserError(f"data iterator state has version {st.get('version')!r}; this code reads {STATE_VERSION}. "
+                      "It was written by an older ministral_jax; resume it with that version or start a new run.")
+  slots = {k: v for st in states for k, v in st["slots"].items()}
+  global_batch = states[0]["pipeline"]["global_batch"]
+  read = max((_global_read(int(k), global_batch, _slot_documents_read(v)) for k, v in slots.items()), default=0)
+  return {"version": STATE_VERSION, "pipeline": states[0]["pipeline"], "slots": slots, "documents_read": read,
+          "epoch": (states[0]["pipeline"]["start_document"] + read) // states[0]["pipeline"]["documents"]}
+
+
+def _global_read(slot: int, global_batch: int, read: int) -> int:
+  """Documents of the whole stream up to and including slot `slot`'s last one (its `read`-th)."""
+  return 0 if read == 0 else slot + global_batch * (read - 1) + 1
 
 
 def _from_json(state: Any) -> Any:
@@ -210,48 +243,65 @@ def _from_json(state: Any) -> Any:
 
 
 class DataIterator(grain.DatasetIterator):
-  """A grain iterator whose JSON state also records the epoch and which pipeline it belongs to.
+  """A grain iterator whose JSON state is one entry per slot, plus which pipeline it belongs to.
 
-  `set_state` refuses a state saved by a pipeline with a different corpus
-  size, seq_len, seed, process layout or tokenizer, since continuing from it
-  would silently produce a different stream. (batch_size may change: the
-  stream of rows continues exactly, only grouped differently.)
+  `get_state()` holds this process's slots; `merge_states` joins every
+  process's, and `set_state` takes any state holding this process's slots (so
+  a run resumes on another number of processes). A state saved by a pipeline
+  with a different corpus size, seq_len, seed, global batch or tokenizer is
+  refused, since continuing from it would silently produce a different stream.
+  `documents_read` is where the stream stopped (every slot's documents, and
+  the ones between them), for a run that continues it (`start_document`).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any]):
+  def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any], rows: tuple[int, int]):
     super().__init__(parent)
-    self._identity = identity
+    self._identity, self._rows = identity, rows
 
   def __next__(self) -> packing.Batch:
     return next(self._parent)
 
+  def _slot_states(self) -> list[Any]:
+    state = self._parent.get_state()  # map -> zip: {"parents": [slot, ...]}
+    while "parents" not in state:
+      state = state.get("parent", state.get("parent_state"))
+    return state["parents"]
+
   def get_state(self) -> dict[str, Any]:
-    inner = self._parent.get_state()
-    documents_read = _documents_read(inner)
-    return {
-        "version": STATE_VERSION,
-        "epoch": (self._identity["start_document"] + documents_read) // self._identity["documents"],
-        "documents_read": documents_read,  # since start_document
-        "pipeline": dict(self._identity),
-        "grain": inner,
-    }
+    start, _ = self._rows
+    return merge_states([{"version": STATE_VERSION, "pipeline": dict(self._identity),
+                          "slots": {str(start + i): s for i, s in enumerate(self._slot_states())}}])
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get("version") != STATE_VERSION:
-      raise UserError(f"data iterator state has version {state.get('version')!r}; this code reads {STATE_VERSION}")
+    state = merge_states([state])
     saved, current = state["pipeline"], self._identity
     if saved != current:
       keys = sorted(current.keys() | saved.keys())
       diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
       raise UserError(f"data iterator state belongs to a different pipeline (saved vs now): {diff}")
-    self._parent.set_state(_from_json(state["grain"]))
+    wanted = [str(r) for r in range(*self._rows)]
+    missing = [r for r in wanted if r not in state["slots"]]
+    if missing:
+      raise UserError(f"the data-iterator state lacks rows {missing[:8]} of the global batch; it was saved by "
+                      "another pipeline")
+    inner = self._parent.get_state()
+    _replace_slots(inner, [_from_json(state["slots"][r]) for r in wanted])
+    self._parent.set_state(inner)
 
 
-def _eval_stream(batches: grain.IterDataset, batch_size: int, max_batches: int) -> Iterator[packing.Batch]:
+def _replace_slots(state: dict, slots: list[Any]) -> None:
+  while "parents" not in state:
+    state = state.get("parent", state.get("parent_state"))
+  state["parents"] = slots
+
+
+def _eval_stream(batches: grain.IterDataset, batch_size: int, max_batches: int, rows: tuple[int, int] | None
+                 ) -> Iterator[packing.Batch]:
+  start, stop = _rows(rows, batch_size)
   for count, batch in enumerate(batches):
     if max_batches and count >= max_batches:
       return
-    yield packing.pad_batch(batch, batch_size)
+    yield {k: v[start:stop] for k, v in packing.pad_batch(batch, batch_size).items()}
 
 
 def eval_batches(
@@ -260,17 +310,21 @@ def eval_batches(
     batch_size: int,
     split: str = "eval",
     max_batches: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[packing.Batch]:
-  """One deterministic, unshuffled pass over a split; the last batch is padded with segment-0 rows."""
+  """One deterministic, unshuffled pass over a split in global batches of `batch_size` rows (this process's
+  `rows` of each); the last batch is padded with segment-0 rows. Every process packs the whole split
+  (eval splits are small), so the batches do not depend on the process count."""
   batches = _batches(documents(data_cfg, split), tokenizer, data_cfg.seq_len, batch_size)
-  return _eval_stream(batches, batch_size, max_batches)
+  return _eval_stream(batches, batch_size, max_batches, rows)
 
 
 def eval_batches_from_file(
-    path: str, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_size: int, max_batches: int = 0
+    path: str, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_size: int, max_batches: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[packing.Batch]:
   """Like `eval_batches`, over every document of one file: JSON Lines if it ends in .jsonl, else plain text."""
   field = data_cfg.jsonl_field if str(path).endswith(".jsonl") else None
   keyed = sources.file_entries([str(path)], jsonl_field=field, text_unit=data_cfg.text_unit)
   docs = sources.as_dataset([entry for _, entry in keyed], f"eval file {path}")
-  return _eval_stream(_batches(docs, tokenizer, data_cfg.seq_len, batch_size), batch_size, max_batches)
+  return _eval_stream(_batches(docs, tokenizer, data_cfg.seq_len, batch_size), batch_size, max_batches, rows)

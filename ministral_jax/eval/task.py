@@ -53,10 +53,12 @@ def evaluate(params, model_cfg, cfg: ml_collections.ConfigDict, tokenizer, parti
   e = cfg.eval
   n = e.max_batches if max_batches is None else max_batches
   names = ["eval_split"] + [f for f in e.files.split(",") if f]
+  rows = partitioner.process_rows(e.batch_size)
   sources = {}
   for name in (nm for nm in names if only is None or nm in only):
-    sources[name] = (pipeline.eval_batches(cfg.data, tokenizer, e.batch_size, max_batches=n) if name == "eval_split"
-                     else pipeline.eval_batches_from_file(name, cfg.data, tokenizer, e.batch_size, max_batches=n))
+    sources[name] = (pipeline.eval_batches(cfg.data, tokenizer, e.batch_size, max_batches=n, rows=rows)
+                     if name == "eval_split" else
+                     pipeline.eval_batches_from_file(name, cfg.data, tokenizer, e.batch_size, max_batches=n, rows=rows))
   with partitioner.activate():
     return {name: mean_loss(loss_fn, params, b, partitioner)["loss"] for name, b in sources.items()}
 
@@ -80,12 +82,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizers.check_vocab_fits(tokenizer, model_cfg.vocab_size)
   tokenizers.check_same(convert.recorded_tokenizer(path), tokenizer.identity(), f"checkpoint {path}",
                         "the eval data (data.tokenizer)")
-  batch = cfg.eval.batch_size
+  batch, rows = cfg.eval.batch_size, partitioner.process_rows(cfg.eval.batch_size)
 
   def sources():
-    out = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)}
+    out = {"eval_split": pipeline.eval_batches(cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches,
+                                               rows=rows)}
     for f in files:
-      out[f] = pipeline.eval_batches_from_file(f, cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches)
+      out[f] = pipeline.eval_batches_from_file(f, cfg.data, tokenizer, batch, max_batches=cfg.eval.max_batches,
+                                               rows=rows)
     return out
   for name, batches in sources().items():  # an empty source is an error before the weights are read
     if next(batches, None) is None:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from ministral_jax import multihost
 from ministral_jax.prune import rotate
 
 Stats = dict[str, np.ndarray]
@@ -49,14 +50,14 @@ def _d_ffn(params: Any) -> int:
 def _ffn_magnitude(params: Any) -> np.ndarray:
   ffn = params["layers"]["feed_forward"]
   sq = lambda w, axis: jnp.sum(jnp.square(w.astype(jnp.float32)), axis=axis)
-  return np.asarray(jnp.sqrt(sq(ffn["w1"], 1) + sq(ffn["w3"], 1) + sq(ffn["w2"], 2)))  # [layers, d_ffn]
+  return multihost.host_value(jnp.sqrt(sq(ffn["w1"], 1) + sq(ffn["w3"], 1) + sq(ffn["w2"], 2)))  # [layers, d_ffn]
 
 
 def _gain_magnitude(params: Any) -> np.ndarray:
   layers = params["layers"]
   total = (jnp.sum(jnp.abs(layers["attention_norm"]["scale"]), axis=0) + jnp.sum(jnp.abs(layers["ffn_norm"]["scale"]), axis=0)
            + jnp.abs(params["norm"]["scale"]))
-  return np.asarray(total, np.float64)
+  return multihost.host_value(total).astype(np.float64)
 
 
 LAYER_SCORERS: dict[str, Scorer] = {

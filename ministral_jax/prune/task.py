@@ -55,17 +55,15 @@ class Job:
   identity: dict[str, Any]
 
 
-def calibration_batches(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
-                        ) -> Callable[[], Iterable[dict]]:
-  """The same seeded sample of the train split at every call (re-calibration reads it again)."""
+def calibration_batches(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+                        partitioner: sharding.Partitioner) -> Callable[[], Iterable[dict]]:
+  """The same seeded sample of the train split at every call (re-calibration reads it again); each
+  process reads its rows of every global calibration batch."""
   pcfg = cfg.prune
-  if pcfg.calibration_batch_size % jax.process_count():
-    raise UserError(f"prune.calibration_batch_size={pcfg.calibration_batch_size} must divide over "
-                     f"{jax.process_count()} processes.")
+  rows = partitioner.process_rows(pcfg.calibration_batch_size)
 
   def batches() -> Iterable[dict]:
-    it = pipeline.train_iterator(cfg.data, tokenizer, pcfg.calibration_batch_size // jax.process_count(),
-                                 seed=pcfg.seed)
+    it = pipeline.train_iterator(cfg.data, tokenizer, pcfg.calibration_batch_size, seed=pcfg.seed, rows=rows)
     return itertools.islice(it, pcfg.calibration_batches)
   return batches
 
@@ -87,7 +85,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, partitioner: sharding.
   tokenizers.check_vocab_fits(tokenizer, parent_cfg.vocab_size)
   tokenizers.check_same(convert.recorded_tokenizer(path), tokenizer.identity(), f"prune.parent={path}",
                         "the calibration data (data.tokenizer)")
-  batches = calibration_batches(cfg, tokenizer)
+  batches = calibration_batches(cfg, tokenizer, partitioner)
   first = next(iter(batches()), None)
   if first is None or not np.any(first["segment_ids"] != 0):
     raise UserError("The calibration data is empty: config.data gave no tokens. Point it at a non-empty corpus.")

@@ -4,7 +4,8 @@ One orbax `CheckpointManager` per workdir (`<workdir>/checkpoints/<step>/`)
 with three items: `state` (params, optimizer state, step; params in the
 canonical layout of `model/transformer.py`), `data` (every process's grain
 iterator state as JSON: orbax writes JSON from the primary host only, so the
-states are gathered there first and each process restores its own) and
+states are gathered there first; on restore they are merged and each process
+takes its rows, so a run resumes on any process count) and
 `meta`: the model config, the task, the training settings, the tokenizer and
 a fingerprint of every tensor of the state (`checkpoint/integrity.py`).
 
@@ -28,13 +29,12 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ministral_jax import faults
+from ministral_jax import faults, multihost
 from ministral_jax.checkpoint import integrity
-from ministral_jax.data import tokenizers
+from ministral_jax.data import pipeline, tokenizers
 from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 
@@ -63,7 +63,7 @@ def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, meta: dict,
          force: bool = False) -> None:
   """Starts an async save; the fingerprints are taken from `state` now, on the devices."""
-  data = {"processes": _gather_json(data_state)}
+  data = {"processes": multihost.gather_json(data_state)}
   meta = {**meta, "fingerprints": integrity.fingerprints(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                                           meta=ocp.args.JsonSave(meta)), force=force)
@@ -86,26 +86,10 @@ def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return flat
 
 
-def _gather_json(obj: Any) -> list[Any]:
-  """Every process's `obj`, in process order, on every process (as padded bytes through the devices)."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
-  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
-
-
-def _own(data: dict) -> dict:
-  """This process's iterator state out of a `data` item."""
-  states = data["processes"]
-  if len(states) != jax.process_count():
-    raise UserError(f"The checkpoint holds the data streams of {len(states)} processes, this job has "
-                    f"{jax.process_count()}; the input pipeline cannot resume on another process count.")
-  return states[jax.process_index()]
+def _all_processes(data: dict) -> dict:
+  """Every process's iterator state in a `data` item, as one state of all slots (any process count
+  restores from it: each process takes its own rows)."""
+  return pipeline.merge_states(data["processes"])
 
 
 def check_resume(meta: dict, expected: dict, workdir: str, step: int, allow_changes: bool) -> None:
@@ -143,14 +127,19 @@ def restore_intact(mngr: ocp.CheckpointManager, workdir: str, abstract_state: An
       quarantine(mngr, workdir, step, f"its metadata cannot be read ({_first_line(e)})")
       continue
     check_resume(meta, expected, workdir, step, allow_changes)
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                            data=ocp.args.JsonRestore()))
-      integrity.verify(restored["state"], meta.get("fingerprints"), where)
+    try:  # each process reads its own shards: one may fail where the others do not, so they agree first
+      restored, failed = None, None
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                              data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001
+        failed = e
+      multihost.agree(failed)
+      integrity.verify(restored["state"], meta.get("fingerprints"), where)  # one collective pass, one answer
     except Exception as e:  # noqa: BLE001
       quarantine(mngr, workdir, step, _first_line(e))
       continue
-    return step, restored["state"], _own(restored["data"])
+    return step, restored["state"], _all_processes(restored["data"])
   return None
 
 
@@ -166,21 +155,20 @@ def quarantine(mngr: ocp.CheckpointManager, workdir: str, step: int, reason: str
   if jax.process_index() == 0:
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"quarantine:{step}")
+  multihost.sync(f"quarantine:{step}")
   mngr.reload()
   logging.warning("Training checkpoint step %d of %s is damaged (%s); moved it to %s and falling back to the "
                   "step before it.", step, workdir, reason, dst)
 
 
 def latest_data_state(workdir: str) -> dict:
-  """The data-iterator state saved with a run's latest checkpoint (where its stream stopped)."""
+  """The data-iterator state saved with a run's latest checkpoint, all processes merged (its
+  `documents_read` is where the whole stream stopped)."""
   with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise UserError(f"{workdir} holds no training checkpoint.")
-    return _own(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
+    return _all_processes(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -81,10 +81,11 @@ class NonFiniteLoss(UserError):
 def _check_batching(cfg: ml_collections.ConfigDict, partitioner: sharding.Partitioner) -> None:
   t = cfg.train
   partitioner.check_batch(t.global_batch)
-  if t.global_batch % t.grad_accum or (t.global_batch // t.grad_accum) % jax.process_count():
+  if t.global_batch % t.grad_accum:
     raise UserError(f"train.global_batch={t.global_batch} must split into train.grad_accum={t.grad_accum} "
-                     f"microbatches, each divisible by the {jax.process_count()} processes.")
+                    "equal microbatches.")
   partitioner.check_batch(t.global_batch // t.grad_accum)
+  partitioner.process_rows(t.global_batch)
 
 
 def make_train_step(task: Task, tx, grad_accum: int, seed: int) -> Callable:
@@ -212,9 +213,8 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
     mngr.close()
     print(f"{_prefix(cfg)}{workdir} is finished: its final params are in {out}; nothing to do.", flush=True)
     return {}
-  data = pipeline.train_iterator(cfg.data, tokenizer, cfg.train.global_batch // jax.process_count(),
-                                 seed=cfg.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  data = pipeline.train_iterator(cfg.data, tokenizer, cfg.train.global_batch, seed=cfg.seed,
+                                 rows=partitioner.process_rows(cfg.train.global_batch))
   param_shardings = partitioner.param_shardings(model_cfg)
   state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data,
                                         expected)
@@ -290,7 +290,7 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
     state, out = step_fn(state, partitioner.shard_batch(batch), task.frozen)
     pending.append((step, out))
     faults.point("loop.after_step")
-    stop = preemption.requested() and step < t.steps  # the last step finishes the job instead
+    stop = preemption.reached(step) and step < t.steps  # the last step finishes the job instead
     save = step % t.checkpoint_every == 0 or step == t.steps or stop
     if save or step % t.log_every == 0:
       last = flush(step) or last
@@ -307,8 +307,8 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
 def evaluate(eval_fn, params, frozen, cfg, tokenizer, partitioner) -> dict[str, float]:
   """Mean token loss and perplexity over the eval split (or its first `train.eval_batches`)."""
   total, count = 0.0, 0.0
-  batches = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.global_batch // jax.process_count(),
-                                  max_batches=cfg.train.eval_batches)
+  batches = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.global_batch, max_batches=cfg.train.eval_batches,
+                                  rows=partitioner.process_rows(cfg.train.global_batch))
   for batch in batches:
     loss_sum, n = eval_fn(params, partitioner.shard_batch(batch), frozen)
     total, count = total + float(loss_sum), count + float(n)

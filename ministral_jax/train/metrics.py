@@ -3,7 +3,8 @@
 The JSONL file is the run's loss history. On resume it is cut back to the
 restored step, so a job that was killed and restarted ends with the same
 history as one that never stopped; a line cut short by the kill is dropped
-there. Only process 0 writes.
+there. Only process 0 writes; every process reads the kept history, so
+decisions taken from it (an eval a kill cut off) are the same on every host.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ class MetricsWriter:
     self.prefix = prefix + " " if prefix else ""
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
-    self.kept: list[dict] = []  # the history up to the resumed step
+    self.kept = self._history_until(resume_step)  # on every process: the workdir is shared
     if not self.enabled:
       return
-    self._truncate(resume_step)
+    files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(tensorboard_dir(workdir))
 
-  def _truncate(self, resume_step: int) -> None:
+  def _history_until(self, resume_step: int) -> list[dict]:
     if not self.path.exists():
-      return
+      return []
+    kept = []
     lines = [line for line in self.path.read_text().splitlines() if line.strip()]
     for i, line in enumerate(lines):
       try:
@@ -51,8 +53,8 @@ class MetricsWriter:
           logging.warning("%s line %d is not a metrics record; dropped it.", self.path, i + 1)
         continue
       if step <= resume_step:
-        self.kept.append(row)
-    files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
+        kept.append(row)
+    return kept
 
   def logged(self, step: int, key: str) -> bool:
     """Whether the kept history has `key` at `step` (e.g. an eval a kill cut off)."""
