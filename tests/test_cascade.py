@@ -75,15 +75,21 @@ def test_quick_cascade_writes_the_report_table_and_plot(quick):
              for line in out.splitlines()), out
 
 
-def test_one_data_stream_no_document_is_trained_on_twice(quick):
+def test_one_data_stream_no_document_is_trained_on_twice_and_none_is_left_out(quick):
+  from ministral_jax.data import pipeline
   workdir, *_ = quick
-  starts = [_data_state(workdir / job) for job in ("parent", "child_a/short", "child_a/long", "child_b/short")]
-  windows = [(s["pipeline"]["start_document"], s["pipeline"]["start_document"] + s["documents_read"]) for s in starts]
-  for (_, end), (start, _) in zip(windows, windows[1:]):
-    assert start == end  # each job starts where the one before it stopped
-  assert all(a < b for a, b in windows)
-  baseline = _data_state(workdir / "baseline_child_a")["pipeline"]["start_document"]
-  assert baseline == windows[1][0]  # the baseline reads the window its child read
+  jobs = ("parent", "child_a/short", "child_a/long", "child_b/short")
+  read = [pipeline.read_positions(_data_state(workdir / job)) for job in jobs]
+  for i, a in enumerate(read):
+    assert a and all(a.isdisjoint(b) for b in read[i + 1:])  # no document twice
+  frontier = _data_state(workdir / jobs[-1])["next_document"]
+  assert set(range(frontier)) <= set().union(*read)  # none skipped before where the stream stopped
+  for before, after in zip(jobs, jobs[1:]):  # each job starts exactly where the one before it stopped
+    end, start = _data_state(workdir / before), _data_state(workdir / after)["pipeline"]
+    assert (start["start_document"], start["skip_documents"]) == (end["next_document"], end["skip_documents"])
+  baseline = _data_state(workdir / "baseline_child_a")["pipeline"]
+  child = _data_state(workdir / "child_a/short")["pipeline"]
+  assert (baseline["start_document"], baseline["skip_documents"]) == (child["start_document"], child["skip_documents"])
 
 
 def _data_state(job_dir):

@@ -174,13 +174,29 @@ def test_processes_reading_their_rows_make_the_batches_of_one_process(corpus, to
   assert shards[0] and shards[1] and shards[0].isdisjoint(shards[1])
   assert shards[0] | shards[1] <= {e.read() for e in pipeline._file_documents(cfg, "train")}
   merged = pipeline.merge_states([json.loads(json.dumps(p.get_state())) for p in parts])
-  assert merged["documents_read"] == whole.get_state()["documents_read"]
+  assert merged["next_document"] == whole.get_state()["next_document"]
+  assert pipeline.read_positions(merged) == pipeline.read_positions(whole.get_state())
   resumed = pipeline.train_iterator(cfg, tokenizer, 4, seed=0)
   resumed.set_state(merged)
   _assert_same(_take(resumed, 2), _take(whole, 2))
   second = pipeline.train_iterator(cfg, tokenizer, 4, seed=0, rows=(2, 4))
   second.set_state(json.loads(json.dumps(whole.get_state())))
   _assert_same(_take(second, 1), [{k: v[2:4] for k, v in b.items()} for b in _take(whole, 1)])
+
+
+def test_a_run_continued_from_another_reads_every_document_once_even_with_another_batch(corpus, tokenizer):
+  """Slots stop at different documents; the next run starts at the first unread one and skips those
+  some slot already read, so across runs (and batch sizes) no document repeats and none is left out."""
+  first = pipeline.train_iterator(_cfg(corpus, epochs=1), tokenizer, 4, seed=0)
+  _take(first, 5)
+  state = json.loads(json.dumps(first.get_state()))
+  start, skip = pipeline.stream_position(state)
+  assert skip  # the slots did stop at different places
+  second = pipeline.train_iterator(_cfg(corpus, epochs=1, start_document=start, skip_documents=",".join(map(str, skip))),
+                                   tokenizer, 2, seed=0)
+  _take(second, 6)
+  a, b = pipeline.read_positions(state), pipeline.read_positions(second.get_state())
+  assert a.isdisjoint(b) and set(range(second.get_state()["next_document"])) <= a | b
 
 
 def test_state_from_a_different_pipeline_is_refused(corpus, tokenizer):

@@ -24,7 +24,10 @@ next one (exit status 75: not finished). The cascade's identity
 report then scores every model on them too. Progress lines carry the job
 (`[cascade 3/9 child57/short]`) and `total_eta_min`, the whole cascade's
 remaining time at the running job's measured FLOP/s. One data stream: every training job starts at the document where the
-job before it stopped (`data.start_document`), and `data.epochs` ends the
+job before it stopped (`data.start_document`, plus `data.skip_documents`: the
+positions past it that some of the job's row slots already read, see
+`data/pipeline.py`), so no document is read twice and none is left out, and
+`data.epochs` ends the
 stream rather than repeat an example. At the end: `report.md` (the table),
 `report.json` and `eval_loss.png` (eval loss against tokens).
 """
@@ -155,6 +158,9 @@ def _identity(cfg: ml_collections.ConfigDict) -> dict:
   return _without_run_fields(json.loads(cfg.to_json()))
 
 
+Position = tuple[int, list[int]]  # (data.start_document, data.skip_documents): where a job's data starts
+
+
 @dataclasses.dataclass
 class Run:
   """One training job's record for the report."""
@@ -216,26 +222,27 @@ class Cascade:
     return float(sum(self.flops[n] for n in names[names.index(name) + 1:]
                      if not (self.root / n / "params").exists()))
 
-  def train(self, name: str, task: str, model: ModelConfig, steps: int, start: int, *, seq_len: int,
+  def train(self, name: str, task: str, model: ModelConfig, steps: int, start: Position, *, seq_len: int,
             global_batch: int, optimizer: ml_collections.ConfigDict, init_from: str = "",
-            teacher: str = "", teacher_context: str = "own") -> tuple[Run, int]:
+            teacher: str = "", teacher_context: str = "own") -> tuple[Run, Position]:
     """A pretrain or distill job; returns its record and where its data stream stopped."""
     cfg, workdir = self.cfg, self.root / name
     c = ml_collections.ConfigDict({"task": task, "seed": cfg.seed, "init_from": init_from, "model": model.to_dict(),
                                    "mesh": cfg.mesh.to_dict(), "loss": cfg.loss.to_dict(), "eval": cfg.eval.to_dict(),
                                    "optimizer": optimizer.to_dict()})
-    c.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "start_document": start, "seq_len": seq_len})
+    c.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "start_document": start[0],
+                                        "skip_documents": ",".join(map(str, start[1])), "seq_len": seq_len})
     c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": steps, "global_batch": global_batch,
                                          "log_prefix": self._prefix(name), "flops_after": self._flops_after(name)})
     if task == "distill":
       c.distill = ml_collections.ConfigDict({**cfg.distill.to_dict(), "teacher": teacher,
                                              "teacher_context": teacher_context})
     if not (workdir / "params").exists():
-      print(f"{c.train.log_prefix} {task}: {steps} steps x {global_batch} x {seq_len} tokens from document {start}",
+      print(f"{c.train.log_prefix} {task}: {steps} steps x {global_batch} x {seq_len} tokens from document {start[0]}",
             flush=True)
       (distill if task == "distill" else pretrain).run(c, str(workdir))
-    read = checkpointing.latest_data_state(str(workdir))["documents_read"]
-    return Run(name, model, str(workdir / "params"), start, steps * global_batch * seq_len, str(workdir)), start + read
+    end = pipeline.stream_position(checkpointing.latest_data_state(str(workdir)))
+    return Run(name, model, str(workdir / "params"), start[0], steps * global_batch * seq_len, str(workdir)), end
 
   def prune(self, name: str, parent_path: str, parent: ModelConfig, child: ModelConfig) -> str:
     cfg, workdir = self.cfg, self.root / name
@@ -293,10 +300,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   c = Cascade(cfg, root, n_jobs, job_flops(cfg, parent, plan))
   short = dict(seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch)
   if cfg.parent.checkpoint:
-    runs, offset = {"parent": Run("parent", parent, cfg.parent.checkpoint, 0, 0)}, 0
+    runs, offset = {"parent": Run("parent", parent, cfg.parent.checkpoint, 0, 0)}, (0, [])
   else:
     runs = {}
-    runs["parent"], offset = c.train("parent", "pretrain", parent, cfg.parent.steps, 0, optimizer=cfg.parent.optimizer,
+    runs["parent"], offset = c.train("parent", "pretrain", parent, cfg.parent.steps, (0, []), optimizer=cfg.parent.optimizer,
                                      **short)
   prev, prev_cfg, pruned = runs["parent"].path, parent, {}
   for s in plan:

@@ -28,6 +28,7 @@ tokenizer is built, before the first training step.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 from typing import Any, Iterator
@@ -63,9 +64,12 @@ def data_config() -> ml_collections.ConfigDict:
     ids on the train split, cached in <workdir>/tokenizer/; anything else is a
     bundled name or a file path for `tokenizers.load_tokenizer`.
   max_documents: keep only the first N training documents (0 = all).
-  start_document: the training stream starts this many documents in (a run that
-    continues another's stream, e.g. the next stage of a cascade, never sees its
-    documents again).
+  start_document, skip_documents: where the training stream starts, for a run that
+    continues another's (the next stage of a cascade): the first position of the
+    shuffled stream that run did not read, and the comma-separated positions past
+    it that it did read (its slots stop at different places). `stream_position`
+    of the other run's final state gives both; no document is read twice and none
+    is left out.
   epochs: passes over the training documents before the stream ends with a clear
     error (0 = repeat forever, each epoch reshuffled).
   """
@@ -86,8 +90,12 @@ def data_config() -> ml_collections.ConfigDict:
       "shuffle_seed": 0,
       "max_documents": 0,
       "start_document": 0,
+      "skip_documents": "",
       "epochs": 0,
   })
+# A handoff listing more skipped positions than this starts past them instead (some documents are then
+# left out, logged): at real scale that is a tiny fraction, and configs stay small.
+MAX_SKIPPED = 20_000
 
 
 def _file_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[sources.Entry]:
@@ -158,6 +166,38 @@ def _rows(rows: tuple[int, int] | None, global_batch: int) -> tuple[int, int]:
   return start, stop
 
 
+class _Order(grain.MapDataset):
+  """The shuffled stream from `start` on, without the `skip` positions an earlier run read: this run's
+  position j is the stream's position `base(j)`."""
+
+  def __init__(self, parent: grain.MapDataset, start: int, skip: list[int]):
+    super().__init__(parent)
+    skipped = set(skip)
+    self._head = [p for p in range(start, max(skip) + 1) if p not in skipped] if skip else []
+    self._tail = max(skip) + 1 if skip else start
+
+  def base(self, j: int) -> int:
+    return self._head[j] if j < len(self._head) else self._tail + j - len(self._head)
+
+  def __len__(self) -> int:
+    return max(0, len(self._head) + len(self._parent) - self._tail)
+
+  def __str__(self) -> str:
+    return f"_Order(head={len(self._head)}, tail={self._tail})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.base(index)]
+
+
+def _skip_list(text: str) -> list[int]:
+  try:
+    return sorted({int(p) for p in text.split(",") if p.strip()})
+  except ValueError:
+    raise UserError(f"data.skip_documents={text!r} must be comma-separated stream positions") from None
+
+
 def _stack(rows: tuple[packing.Batch, ...]) -> packing.Batch:
   return {k: np.stack([r[k] for r in rows]) for k in packing.FEATURES}
 
@@ -178,7 +218,10 @@ def train_iterator(
   start, stop = _rows(rows, global_batch)
   docs = documents(data_cfg, "train")
   shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
-  stream = docs.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None)[data_cfg.start_document:]
+  skip = _skip_list(data_cfg.skip_documents)
+  if skip and skip[0] <= data_cfg.start_document:
+    raise UserError(f"data.skip_documents must all lie after data.start_document={data_cfg.start_document}")
+  stream = _Order(docs.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None), data_cfg.start_document, skip)
   tokenize = packing.tokenize_fn(tokenizer)
   slots = [packing.pack(stream[r::global_batch].map(tokenize).to_iter_dataset(_SLOT_READ_OPTIONS), data_cfg.seq_len)
            for r in range(start, stop)]
@@ -191,6 +234,7 @@ def train_iterator(
       "global_batch": global_batch,
       "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
       "start_document": data_cfg.start_document,
+      "skip_documents": skip,
       "epochs": data_cfg.epochs,
   }
   return DataIterator(iter(batches), identity=identity, rows=(start, stop))
@@ -221,16 +265,40 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     if st.get("version") != STATE_VERSION:
       raise UserError(f"data iterator state has version {st.get('version')!r}; this code reads {STATE_VERSION}. "
                       "It was written by an older ministral_jax; resume it with that version or start a new run.")
+  pipe = states[0]["pipeline"]
   slots = {k: v for st in states for k, v in st["slots"].items()}
-  global_batch = states[0]["pipeline"]["global_batch"]
-  read = max((_global_read(int(k), global_batch, _slot_documents_read(v)) for k, v in slots.items()), default=0)
-  return {"version": STATE_VERSION, "pipeline": states[0]["pipeline"], "slots": slots, "documents_read": read,
-          "epoch": (states[0]["pipeline"]["start_document"] + read) // states[0]["pipeline"]["documents"]}
+  merged = {"version": STATE_VERSION, "pipeline": pipe, "slots": slots}
+  if len(slots) == pipe["global_batch"]:  # every process's state: where the whole stream stopped
+    start, skip = stream_position(merged)
+    merged.update(next_document=start, skip_documents=skip, epoch=start // pipe["documents"])
+  return merged
 
 
-def _global_read(slot: int, global_batch: int, read: int) -> int:
-  """Documents of the whole stream up to and including slot `slot`'s last one (its `read`-th)."""
-  return 0 if read == 0 else slot + global_batch * (read - 1) + 1
+def read_positions(state: dict[str, Any]) -> set[int]:
+  """The stream positions (documents) every slot of a run has read, from its merged state."""
+  pipe, batch = state["pipeline"], state["pipeline"]["global_batch"]
+  order = _Order(grain.MapDataset.range(0), pipe["start_document"], pipe.get("skip_documents", []))
+  return {order.base(int(r) + batch * k) for r, v in state["slots"].items() for k in range(_slot_documents_read(v))}
+
+
+def stream_position(state: dict[str, Any]) -> tuple[int, list[int]]:
+  """(start_document, skip_documents) for a run that continues where `state`'s run stopped: the first
+  stream position no slot has read, and the positions past it that some slot has (a document a slot has
+  started counts as read). Over `MAX_SKIPPED` of those, the next run starts after all of them instead."""
+  pipe, batch = state["pipeline"], state["pipeline"]["global_batch"]
+  order = _Order(grain.MapDataset.range(0), pipe["start_document"], pipe.get("skip_documents", []))
+  read = {int(r): _slot_documents_read(v) for r, v in state["slots"].items()}
+  if len(read) != batch:
+    raise UserError(f"the data state holds {len(read)} of the {batch} rows' slots; it is incomplete")
+  first = min(r + batch * n for r, n in read.items())  # every position of this run before it was read
+  ahead = [r + batch * k for r, n in read.items() for k in range(max(0, -(-(first - r) // batch)), n)]
+  start = order.base(first)
+  skip = sorted({p for p in pipe.get("skip_documents", []) if p > start} | {order.base(j) for j in ahead})
+  if len(skip) > MAX_SKIPPED:
+    logging.warning("The next run starts after %d positions some slots already read; %d documents in between "
+                    "are left out.", len(skip), skip[-1] + 1 - start - len(skip))
+    return skip[-1] + 1, []
+  return start, skip
 
 
 def _from_json(state: Any) -> Any:
@@ -250,8 +318,8 @@ class DataIterator(grain.DatasetIterator):
   a run resumes on another number of processes). A state saved by a pipeline
   with a different corpus size, seq_len, seed, global batch or tokenizer is
   refused, since continuing from it would silently produce a different stream.
-  `documents_read` is where the stream stopped (every slot's documents, and
-  the ones between them), for a run that continues it (`start_document`).
+  `next_document` and `skip_documents` say where the stream stopped, for a run
+  that continues it (`stream_position`).
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any], rows: tuple[int, int]):

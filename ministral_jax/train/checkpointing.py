@@ -163,7 +163,7 @@ def quarantine(mngr: ocp.CheckpointManager, workdir: str, step: int, reason: str
 
 def latest_data_state(workdir: str) -> dict:
   """The data-iterator state saved with a run's latest checkpoint, all processes merged (its
-  `documents_read` is where the whole stream stopped)."""
+  `next_document` and `skip_documents` say where the whole stream stopped)."""
   with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS) as mngr:
     step = mngr.latest_step()
     if step is None:
