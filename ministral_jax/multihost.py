@@ -95,6 +95,7 @@ def check_shared_workdir(workdir: str) -> None:
     marker.unlink()
     if created and not any(root.iterdir()):
       root.rmdir()
+  sync("shared-workdir:cleaned")  # nobody looks at the workdir while the marker is still there
   blind = [f"process {i} on {r['host']}" for i, r in enumerate(results) if not r["ok"]]
   if blind:
     raise UserError(f"--workdir={workdir} is not shared by all {jax.process_count()} processes: "

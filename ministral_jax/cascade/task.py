@@ -138,7 +138,7 @@ def check_identity(root: epath.Path, cfg: ml_collections.ConfigDict, write: bool
       raise UserError(f"Workdir {root} holds a different cascade (its config differs in: {', '.join(diff)}). "
                        "Use a new --workdir, or the config that started it.")
     return
-  if root.exists() and any(p.name != workdir_lock.LOCK_FILE for p in root.iterdir()):
+  if root.exists() and any(p.name != workdir_lock.LOCK_FILE and not p.name.startswith(".") for p in root.iterdir()):
     raise UserError(f"Workdir {root} is not empty and holds no {IDENTITY_FILE}: it is not a cascade's. "
                      "Use a new --workdir.")
   if write:
