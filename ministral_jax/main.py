@@ -33,6 +33,8 @@ TASKS = {
     "describe": "ministral_jax.model.abstract",
     "pretrain": "ministral_jax.train.pretrain",
     "distill": "ministral_jax.train.distill",
+    "sft": "ministral_jax.train.sft",
+    "eval_generate": "ministral_jax.eval.generate",
     "eval": "ministral_jax.eval.task",
     "prune": "ministral_jax.prune.task",
     "prune_ablation": "ministral_jax.prune.ablation",

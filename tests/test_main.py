@@ -46,3 +46,19 @@ def test_tokenizer_that_does_not_fit_the_model_fails_before_any_work(tmp_path):
   assert result.returncode != 0
   assert "131072" in result.stderr and "512" in result.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_every_config_file_loads_and_names_its_own_command_at_the_top():
+  import glob
+  import re
+
+  from ministral_jax import configs, main
+
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    name = os.path.basename(path)
+    head = open(path).read(2000)
+    command = re.search(r"^COMMAND: (.*)$", head, re.MULTILINE)
+    assert command and f"--config=configs/{name}" in command.group(1), name
+    arg = re.search(rf"--config=configs/{re.escape(name)}(:\S+)?", command.group(1)).group(1) or ""
+    cfg = configs.load(path + arg)
+    assert cfg.task in main.TASKS, (name, cfg.task)

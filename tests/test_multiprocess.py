@@ -200,6 +200,36 @@ def test_the_quick_cascade_on_two_processes_reports_what_one_process_does(tmp_pa
       np.testing.assert_allclose(two[name]["loss"][source], loss, rtol=1e-4, err_msg=f"{name} {source}")
 
 
+SFT_QUICK = ["--config=configs/sft_tiny.py:quick", "--config.train.steps=6", "--config.train.log_every=2",
+             "--config.train.checkpoint_every=3", "--config.train.eval_every=3", "--config.train.eval_batches=1",
+             "--config.tasks.train=64", "--config.tasks.eval=8"]
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory):
+  """A quick SFT run on one process: its parent is the student below and its result the teacher."""
+  root = tmp_path_factory.mktemp("sft_inputs")
+  _single([*SFT_QUICK, "--config.parent.steps=6", f"--workdir={root}"])
+  return root
+
+
+def test_sft_with_distillation_and_eval_generate_on_two_processes_match_one_process(sft_inputs, tmp_path):
+  args = [*SFT_QUICK, f"--config.init_from={sft_inputs / 'parent' / 'params'}", "--config.data.tokenizer=init_from",
+          f"--config.sft.teacher={sft_inputs / 'params'}", "--config.sft.kd_weight=0.5"]
+  _single([*args, f"--workdir={tmp_path / 'one'}"])
+  _pod([*args, f"--workdir={tmp_path / 'two'}"], tmp_path)
+  _assert_histories_close(_history(tmp_path / "two"), _history(tmp_path / "one"), rtol=1e-5)
+  for a, b in zip(_params(tmp_path / "two" / "params"), _params(tmp_path / "one" / "params")):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  generate = [*args, "--config.task=eval_generate", "--config.generate.n=8", "--config.generate.max_new_tokens=12"]
+  _single([*generate, f"--workdir={tmp_path / 'one'}"])
+  _pod([*generate, f"--workdir={tmp_path / 'two'}"], tmp_path)
+  one, two = (json.loads((tmp_path / d / "eval_generate.json").read_text()) for d in ("one", "two"))
+  assert [e["output"] for e in two["examples"]] == [e["output"] for e in one["examples"]]
+  assert {k: two[k] for k in ("accuracy", "mean_length", "looping")} == {k: one[k] for k in ("accuracy",
+                                                                                            "mean_length", "looping")}
+
+
 # ---- bad input: one clear error on every process, before any work ----
 
 def test_a_process_count_the_coordinator_never_reaches_is_one_clear_error(tmp_path):

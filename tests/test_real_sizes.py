@@ -1,9 +1,15 @@
-"""Real sizes on paper: the 24B parent and the 3B child compile a training step without weights."""
+"""Real sizes on paper: the 24B parent and the 3B child compile a training step without weights, and so does
+the real-size SFT job (3B student, frozen 14B teacher, 16K tokens, fp8)."""
+
+import os
 
 import pytest
 
-from ministral_jax import sharding
+from ministral_jax import configs, sharding
 from ministral_jax.model import abstract, config
+from ministral_jax.train import sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["mistral_small_3_1_24b", "ministral3_3b"])
@@ -21,3 +27,25 @@ def test_real_size_train_step_compiles_on_8_device_fsdp_tensor_mesh(name, record
   assert report.param_bytes_per_device == pytest.approx(report.param_bytes_total / 8, rel=1e-3)
   # Arguments = params + AdamW's two moments, all sharded like the params (+ the token batch).
   assert report.argument_bytes == pytest.approx(3 * report.param_bytes_per_device, rel=1e-3)
+
+
+def test_real_size_sft_with_a_14b_teacher_at_16k_compiles_on_8_devices(record_property):
+  """configs/sft_ministral3.py's own train step: the 3B student in fp8 with fp32 master weights, the 14B
+  teacher frozen in bfloat16, one 16,384-token row per batch shard (the config's microbatch)."""
+  cfg = configs.load(os.path.join(REPO, "configs", "sft_ministral3.py") + ":reasoning")
+  part = sharding.Partitioner.from_config(cfg.mesh)
+  assert dict(part.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  cfg.train.global_batch, cfg.train.grad_accum = 2, 1
+  student = config.ModelConfig.from_dict(cfg.model)
+  teacher = config.preset("ministral3_14b", param_dtype="bfloat16", dtype="bfloat16", remat_policy="full")
+  mem = sft.compile_abstract(cfg, teacher, part).memory_analysis()
+  _, student_bytes = abstract.param_bytes(student, part)
+  _, teacher_bytes = abstract.param_bytes(teacher.replace(dtype=cfg.sft.teacher_dtype), part)
+  gib = 2**30
+  print(f"\nsft 3B <- 14B at 16K, per device: student {student_bytes / gib:.2f} GiB, teacher {teacher_bytes / gib:.2f} "
+        f"GiB; compiled: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+        f"{mem.temp_size_in_bytes / gib:.2f} GiB")
+  record_property("sft_temp_bytes", mem.temp_size_in_bytes)
+  # Arguments = the student with AdamW's two moments (fp32, sharded like it) + the bf16 teacher + the batch.
+  assert mem.argument_size_in_bytes == pytest.approx(3 * student_bytes + teacher_bytes, rel=1e-3)
+  assert teacher_bytes == pytest.approx(2 * config.param_count(teacher) / 8, rel=1e-2)

@@ -18,7 +18,8 @@ Everything is grain: a random-access `MapDataset` of documents (see
 `sources.py`) is shuffled (reshuffled every epoch), split into slots,
 tokenized lazily and packed by grain's checkpointable concat-then-split (see
 `packing.py`), each slot reading ahead on its own thread; the slots are
-zipped into batches.
+zipped into batches. Chat data (`chat.py`) rides on the same machinery
+(`slot_iterator`), with a packer that keeps each conversation whole.
 
 All configuration and data errors (unknown source, missing or empty files,
 globs matching nothing, an empty split) are raised when the iterator or the
@@ -31,7 +32,7 @@ import hashlib
 import logging
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import ml_collections
@@ -41,13 +42,13 @@ from ministral_jax.data import packing, sources, spm_train
 from ministral_jax.data.tokenizers import Tokenizer, load_tokenizer
 from ministral_jax.errors import UserError
 
-SOURCES = ("builtin", "text", "jsonl", "tfds")
+SOURCES = ("builtin", "text", "jsonl", "tfds", "chat")
 SPLITS = ("train", "eval")
 STATE_VERSION = 2
 # Eval passes tokenize a few ms per document on a few threads; a small read-ahead keeps them cheap.
-_READ_OPTIONS = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=32)
+READ_OPTIONS = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=32)
 # Each training slot tokenizes a couple of documents ahead on its own thread.
-_SLOT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+SLOT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 # The tokenizer's training sample is drawn in this fixed order, independent of the run's seed.
 _SPM_SAMPLE_SEED = 0
 
@@ -55,8 +56,11 @@ _SPM_SAMPLE_SEED = 0
 def data_config() -> ml_collections.ConfigDict:
   """The `data` block of an experiment config, with defaults.
 
-  source: "builtin" (Python stdlib text, no download), "text", "jsonl" or "tfds".
-  paths / eval_paths: comma-separated files or globs for text/jsonl. Without
+  source: "builtin" (Python stdlib text, no download), "text", "jsonl", "tfds", or
+    "chat": JSONL conversations ({"messages": [...]}, see `chat.py`) for SFT, read
+    by `chat.chat_iterator` / `chat.chat_eval_batches`; here (the tokenizer's
+    training text) a conversation is the text of its messages.
+  paths / eval_paths: comma-separated files or globs for text/jsonl/chat. Without
     eval_paths the eval split is a fixed ~2% hash hold-out of the documents in
     `paths` (see `sources.py`); with eval_paths, all of `paths` is training data.
   text_unit: what one document is in a text file: "paragraph", "line" or "file".
@@ -72,6 +76,9 @@ def data_config() -> ml_collections.ConfigDict:
     is left out.
   epochs: passes over the training documents before the stream ends with a clear
     error (0 = repeat forever, each epoch reshuffled).
+  chat_pack_bins: (source "chat") each row slot packs whole conversations first-fit
+    into this many rows at a time; more rows waste less padding and hold more
+    conversations in flight.
   """
   return ml_collections.ConfigDict({
       "source": "builtin",
@@ -92,6 +99,7 @@ def data_config() -> ml_collections.ConfigDict:
       "start_document": 0,
       "skip_documents": "",
       "epochs": 0,
+      "chat_pack_bins": 8,
   })
 # A handoff listing more skipped positions than this starts past them instead (some documents are then
 # left out, logged): at real scale that is a tiny fraction, and configs stay small.
@@ -120,6 +128,10 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDatas
     )
   elif data_cfg.source == "builtin":
     docs = sources.as_dataset(sources.split_entries(sources.builtin_entries(), split), what)
+  elif data_cfg.source == "chat":
+    from ministral_jax.data import chat  # chat builds on this module
+
+    docs = grain.MapDataset.source(chat.split_conversations(data_cfg, split)).map(chat.plain_text)
   else:
     docs = sources.as_dataset(_file_documents(data_cfg, split), what)
   if split == "train" and data_cfg.max_documents > 0:
@@ -155,7 +167,7 @@ def _batches(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_s
   """Tokenize lazily (a few threads read ahead), pack, batch: one stream (the eval passes)."""
   if batch_size < 1:
     raise UserError(f"batch_size must be positive, got {batch_size}")
-  examples = docs.map(packing.tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  examples = docs.map(packing.tokenize_fn(tokenizer)).to_iter_dataset(READ_OPTIONS)
   return packing.pack(examples, seq_len).batch(batch_size)
 
 
@@ -199,7 +211,51 @@ def _skip_list(text: str) -> list[int]:
 
 
 def _stack(rows: tuple[packing.Batch, ...]) -> packing.Batch:
-  return {k: np.stack([r[k] for r in rows]) for k in packing.FEATURES}
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def slot_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    docs: grain.MapDataset,
+    tokenizer: Tokenizer,
+    global_batch: int,
+    seed: int,
+    rows: tuple[int, int] | None,
+    *,
+    pack_slot: Callable[[grain.MapDataset], grain.IterDataset],
+    identity: Mapping[str, Any] | None = None,
+    stats: Mapping[str, int] | None = None,
+) -> DataIterator:
+  """The row-slot stream over `docs` that every training iterator shares (see the module docstring).
+
+  `pack_slot` turns one slot's share of the shuffled stream (documents r, r+B,
+  ... as a MapDataset) into its packed rows; it is the only part that differs
+  between data kinds, so shuffling, epochs, the start/skip handoff, the
+  per-process rows and the checkpoint format are the same for all of them.
+  `identity` adds what else a saved state must match; `stats` rides along for
+  the trainer to log.
+  """
+  start, stop = _rows(rows, global_batch)
+  shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
+  skip = _skip_list(data_cfg.skip_documents)
+  if skip and skip[0] <= data_cfg.start_document:
+    raise UserError(f"data.skip_documents must all lie after data.start_document={data_cfg.start_document}")
+  stream = _Order(docs.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None), data_cfg.start_document, skip)
+  slots = [pack_slot(stream[r::global_batch]) for r in range(start, stop)]
+  batches = grain.experimental.ZipIterDataset(slots, strict=False).map(_stack)
+  full_identity = {
+      "source": data_cfg.source,
+      "documents": len(docs),
+      "seq_len": data_cfg.seq_len,
+      "shuffle_seed": shuffle_seed,
+      "global_batch": global_batch,
+      "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
+      "start_document": data_cfg.start_document,
+      "skip_documents": skip,
+      "epochs": data_cfg.epochs,
+      **(identity or {}),
+  }
+  return DataIterator(iter(batches), identity=full_identity, rows=(start, stop), stats=stats)
 
 
 def train_iterator(
@@ -215,29 +271,13 @@ def train_iterator(
   not depend on how many processes read them. Each epoch is reshuffled with a
   seed derived from (data_cfg.shuffle_seed, seed, epoch).
   """
-  start, stop = _rows(rows, global_batch)
-  docs = documents(data_cfg, "train")
-  shuffle_seed = _mix_seed(data_cfg.shuffle_seed, seed)
-  skip = _skip_list(data_cfg.skip_documents)
-  if skip and skip[0] <= data_cfg.start_document:
-    raise UserError(f"data.skip_documents must all lie after data.start_document={data_cfg.start_document}")
-  stream = _Order(docs.shuffle(seed=shuffle_seed).repeat(data_cfg.epochs or None), data_cfg.start_document, skip)
   tokenize = packing.tokenize_fn(tokenizer)
-  slots = [packing.pack(stream[r::global_batch].map(tokenize).to_iter_dataset(_SLOT_READ_OPTIONS), data_cfg.seq_len)
-           for r in range(start, stop)]
-  batches = grain.experimental.ZipIterDataset(slots, strict=False).map(_stack)
-  identity = {
-      "source": data_cfg.source,
-      "documents": len(docs),
-      "seq_len": data_cfg.seq_len,
-      "shuffle_seed": shuffle_seed,
-      "global_batch": global_batch,
-      "tokenizer": f"{tokenizer.path.name}:{tokenizer.vocab_size}",
-      "start_document": data_cfg.start_document,
-      "skip_documents": skip,
-      "epochs": data_cfg.epochs,
-  }
-  return DataIterator(iter(batches), identity=identity, rows=(start, stop))
+
+  def pack_slot(share: grain.MapDataset) -> grain.IterDataset:
+    return packing.pack(share.map(tokenize).to_iter_dataset(SLOT_READ_OPTIONS), data_cfg.seq_len)
+
+  return slot_iterator(data_cfg, documents(data_cfg, "train"), tokenizer, global_batch, seed, rows,
+                       pack_slot=pack_slot)
 
 
 def _slot_documents_read(state: Any) -> int:
@@ -255,6 +295,24 @@ def _slot_documents_read(state: Any) -> int:
       return _slot_documents_read(state["parent_state"]) + int(state.get("elements_from_buffer_after_checkpoint", 0))
     return max((_slot_documents_read(v) for v in state.values()), default=0)
   return 0
+
+
+def _slot_read(state: Any) -> tuple[int, set[int]]:
+  """(n, extra): a slot has read its documents 0..n-1 and the ones in `extra` (all >= n).
+
+  A packer that fills several rows at once (chat's whole-conversation packing,
+  `packing.pack_whole`) emits rows holding documents past the first one it has
+  not emitted yet; it lists those under `emitted`. Other packers read a prefix.
+  """
+  n = _slot_documents_read(state)
+  extra = state.get(packing.EMITTED, ()) if isinstance(state, dict) else ()
+  return n, {int(k) for k in extra if int(k) >= n}
+
+
+def _first_unread(n: int, extra: set[int]) -> int:
+  while n in extra:
+    n += 1
+  return n
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,7 +336,11 @@ def read_positions(state: dict[str, Any]) -> set[int]:
   """The stream positions (documents) every slot of a run has read, from its merged state."""
   pipe, batch = state["pipeline"], state["pipeline"]["global_batch"]
   order = _Order(grain.MapDataset.range(0), pipe["start_document"], pipe.get("skip_documents", []))
-  return {order.base(int(r) + batch * k) for r, v in state["slots"].items() for k in range(_slot_documents_read(v))}
+  positions = set()
+  for r, v in state["slots"].items():
+    n, extra = _slot_read(v)
+    positions.update(order.base(int(r) + batch * k) for k in [*range(n), *extra])
+  return positions
 
 
 def stream_position(state: dict[str, Any]) -> tuple[int, list[int]]:
@@ -287,11 +349,13 @@ def stream_position(state: dict[str, Any]) -> tuple[int, list[int]]:
   started counts as read). Over `MAX_SKIPPED` of those, the next run starts after all of them instead."""
   pipe, batch = state["pipeline"], state["pipeline"]["global_batch"]
   order = _Order(grain.MapDataset.range(0), pipe["start_document"], pipe.get("skip_documents", []))
-  read = {int(r): _slot_documents_read(v) for r, v in state["slots"].items()}
+  read = {int(r): _slot_read(v) for r, v in state["slots"].items()}
   if len(read) != batch:
     raise UserError(f"the data state holds {len(read)} of the {batch} rows' slots; it is incomplete")
-  first = min(r + batch * n for r, n in read.items())  # every position of this run before it was read
-  ahead = [r + batch * k for r, n in read.items() for k in range(max(0, -(-(first - r) // batch)), n)]
+  # Every position of this run before `first` was read.
+  first = min(r + batch * _first_unread(n, extra) for r, (n, extra) in read.items())
+  ahead = [r + batch * k for r, (n, extra) in read.items()
+           for k in [*range(max(0, -(-(first - r) // batch)), n), *extra] if r + batch * k > first]
   start = order.base(first)
   skip = sorted({p for p in pipe.get("skip_documents", []) if p > start} | {order.base(j) for j in ahead})
   if len(skip) > MAX_SKIPPED:
@@ -319,12 +383,15 @@ class DataIterator(grain.DatasetIterator):
   with a different corpus size, seq_len, seed, global batch or tokenizer is
   refused, since continuing from it would silently produce a different stream.
   `next_document` and `skip_documents` say where the stream stopped, for a run
-  that continues it (`stream_position`).
+  that continues it (`stream_position`). `stats` holds counts the pipeline
+  wants the trainer to report (chat: conversations truncated or dropped).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any], rows: tuple[int, int]):
+  def __init__(self, parent: grain.DatasetIterator, *, identity: dict[str, Any], rows: tuple[int, int],
+               stats: Mapping[str, int] | None = None):
     super().__init__(parent)
     self._identity, self._rows = identity, rows
+    self.stats: dict[str, int] = dict(stats or {})
 
   def __next__(self) -> packing.Batch:
     return next(self._parent)
@@ -363,8 +430,9 @@ def _replace_slots(state: dict, slots: list[Any]) -> None:
   state["parents"] = slots
 
 
-def _eval_stream(batches: grain.IterDataset, batch_size: int, max_batches: int, rows: tuple[int, int] | None
-                 ) -> Iterator[packing.Batch]:
+def eval_stream(batches: grain.IterDataset, batch_size: int, max_batches: int, rows: tuple[int, int] | None
+                ) -> Iterator[packing.Batch]:
+  """This process's `rows` of each global eval batch, the last one padded to `batch_size` rows."""
   start, stop = _rows(rows, batch_size)
   for count, batch in enumerate(batches):
     if max_batches and count >= max_batches:
@@ -384,7 +452,7 @@ def eval_batches(
   `rows` of each); the last batch is padded with segment-0 rows. Every process packs the whole split
   (eval splits are small), so the batches do not depend on the process count."""
   batches = _batches(documents(data_cfg, split), tokenizer, data_cfg.seq_len, batch_size)
-  return _eval_stream(batches, batch_size, max_batches, rows)
+  return eval_stream(batches, batch_size, max_batches, rows)
 
 
 def eval_batches_from_file(
@@ -395,4 +463,4 @@ def eval_batches_from_file(
   field = data_cfg.jsonl_field if str(path).endswith(".jsonl") else None
   keyed = sources.file_entries([str(path)], jsonl_field=field, text_unit=data_cfg.text_unit)
   docs = sources.as_dataset([entry for _, entry in keyed], f"eval file {path}")
-  return _eval_stream(_batches(docs, tokenizer, data_cfg.seq_len, batch_size), batch_size, max_batches, rows)
+  return eval_stream(_batches(docs, tokenizer, data_cfg.seq_len, batch_size), batch_size, max_batches, rows)

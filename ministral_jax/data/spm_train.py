@@ -13,6 +13,13 @@ itself is deterministic (no sentence sampling), and the file is written to a
 temporary name and renamed, so a crashed or concurrent run never leaves a
 truncated model behind.
 
+Every model also gets Mistral's instruct control tokens (`CHAT_CONTROL_TOKENS`:
+[INST], [/INST], [SYSTEM_PROMPT], [/SYSTEM_PROMPT], [THINK], [/THINK]) as
+single control ids right after <unk>/<s>/</s>, so the same tokenizer can
+render chat data for SFT (`chat.py`). SentencePiece never produces a control
+id from text, so plain encoding, and so pretraining, only loses those 6 ids
+of the vocabulary.
+
 `vocab_size` is an upper bound: a corpus too small to support that many
 merges yields fewer pieces instead of failing, which still fits a model sized
 for `vocab_size`.
@@ -35,6 +42,7 @@ MAX_TRAIN_CHARS = 4_000_000
 # SentencePiece drops longer sentences; minified or data lines are not worth learning from.
 _MAX_SENTENCE_BYTES = 16384
 _SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
+CHAT_CONTROL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]")
 _TRAINER_OPTIONS = {
     "model_type": "bpe",
     "normalization_rule_name": "identity",
@@ -47,9 +55,10 @@ _TRAINER_OPTIONS = {
     "input_sentence_size": 0,
     "shuffle_input_sentence": False,
     "hard_vocab_limit": False,
+    "control_symbols": list(CHAT_CONTROL_TOKENS),
     **_SPECIAL_IDS,
 }
-# 256 byte pieces + unk/bos/eos, plus room for merges.
+# 256 byte pieces + unk/bos/eos + the chat control tokens, plus room for merges.
 MIN_VOCAB_SIZE = 300
 
 

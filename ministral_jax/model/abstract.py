@@ -62,11 +62,17 @@ def compile_train_step(cfg: ModelConfig, partitioner: sharding.Partitioner, batc
     compiled = jax.jit(step, out_shardings=(param_shardings, opt_shardings, None),
                        donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
   mem = compiled.memory_analysis()
-  total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
-  per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
-                   for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(param_shardings)))
-  return CompiledReport(total, per_device, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+  return CompiledReport(*param_bytes(cfg, partitioner), mem.argument_size_in_bytes, mem.output_size_in_bytes,
                         mem.temp_size_in_bytes, compiled)
+
+
+def param_bytes(cfg: ModelConfig, partitioner: sharding.Partitioner) -> tuple[int, int]:
+  """Bytes of the params in all, and on one device under the rules."""
+  leaves = jax.tree.leaves(transformer.abstract_params(cfg))
+  shardings = jax.tree.leaves(partitioner.param_shardings(cfg))
+  total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
+  per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in zip(leaves, shardings))
+  return total, per_device
 
 
 def run(cfg, workdir: str) -> dict:

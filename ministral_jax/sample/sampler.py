@@ -16,17 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ministral_jax import multihost
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token lists into `[batch, max_len]` and returns their lengths."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into `[batch, max(max_len, width)]` and returns their lengths (a fixed `width`
+  keeps one compiled program for batches of different prompts)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError("Every prompt needs at least one token (e.g. BOS).")
   lengths = np.array([len(p) for p in prompts], np.int32)
-  tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+  tokens = np.full((len(prompts), max(int(lengths.max()), width)), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   return tokens, lengths
@@ -82,17 +84,17 @@ def _generate(params, cfg: ModelConfig, tokens, lengths, rng, max_new_tokens: in
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             temperature: float = 0.0, rng: jax.Array | None = None, eos_id: int | None = None
-             ) -> list[list[int]]:
+             temperature: float = 0.0, rng: jax.Array | None = None, eos_id: int | None = None,
+             prompt_width: int = 0) -> list[list[int]]:
   """Greedy (temperature 0) or sampled continuations; each stops after its first EOS."""
   eos = cfg.eos_id if eos_id is None else eos_id
-  tokens, lengths = pad_prompts(prompts, cfg.pad_id)
+  tokens, lengths = pad_prompts(prompts, cfg.pad_id, prompt_width)
   if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
     raise UserError(f"Prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
                      f"model's max_seq_len {cfg.max_seq_len}.")
   rng = jax.random.key(0) if rng is None else rng
-  out = np.asarray(_generate(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                             max_new_tokens, float(temperature), int(eos)))
+  out = multihost.host_value(_generate(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), rng,
+                                      max_new_tokens, float(temperature), int(eos)))  # on a pod: every row
   result = []
   for row in out.tolist():
     result.append(row[:row.index(eos) + 1] if eos in row else row)

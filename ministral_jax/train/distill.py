@@ -35,33 +35,36 @@ def distill_config(teacher: str = "") -> ml_collections.ConfigDict:
                                         temperature=1.0, ce_weight=0.0))
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, partitioner):
-  path = cfg.distill.teacher
+def load_teacher(cfg: ml_collections.ConfigDict, student_cfg: ModelConfig, partitioner, block: str = "distill"):
+  """The frozen teacher named by `cfg.<block>` (teacher, teacher_dtype, teacher_context), on the mesh."""
+  b = cfg[block]
+  path = b.teacher
   if not path or not epath.Path(path).exists():
-    raise UserError(f"distill.teacher={path!r} does not exist. Point it at an orbax, HF or Mistral-native "
-                     "checkpoint directory (e.g. the parent's <workdir>/params).")
+    raise UserError(f"{block}.teacher={path!r} does not exist. Point it at an orbax, HF or Mistral-native "
+                    "checkpoint directory (e.g. the parent's <workdir>/params).")
   teacher_cfg = convert.load_config_any(path)
-  if cfg.distill.teacher_dtype:
-    teacher_cfg = teacher_cfg.replace(dtype=cfg.distill.teacher_dtype)
+  if b.teacher_dtype:
+    teacher_cfg = teacher_cfg.replace(dtype=b.teacher_dtype)
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
     raise UserError(f"The teacher's vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
-                     f"({student_cfg.vocab_size}); logit distillation needs the same tokenizer.")
-  if cfg.distill.teacher_context not in ("own", "student"):
-    raise UserError(f"distill.teacher_context={cfg.distill.teacher_context!r} must be 'own' or 'student'.")
-  if cfg.distill.teacher_context == "student":
+                    f"({student_cfg.vocab_size}); logit distillation needs the same tokenizer.")
+  context = b.get("teacher_context", "own")
+  if context not in ("own", "student"):
+    raise UserError(f"{block}.teacher_context={context!r} must be 'own' or 'student'.")
+  if context == "student":
     teacher_cfg = teacher_cfg.replace(**{k: getattr(student_cfg, k) for k in CONTEXT_FIELDS})
   return convert.load_or_init(path, teacher_cfg, partitioner, seed=0, allow_rope_change=True)
 
 
 def make_loss(model_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: ml_collections.ConfigDict,
-              temperature: float = 1.0, ce_weight: float = 0.0) -> loop.LossFn:
+              temperature: float = 1.0, ce_weight: float = 0.0, module=None) -> loop.LossFn:
   """The distillation loss: (params, batch, teacher params, rng) -> (loss_sum, tokens, aux)."""
   chunks = dict(seq_chunk=loss_cfg.seq_chunk, vocab_chunk=loss_cfg.vocab_chunk)
 
   def loss_fn(params, batch, teacher, rng):
     del rng
     mask = token_mask(batch)
-    hidden, head = hidden_and_head(model_cfg, params, batch)
+    hidden, head = hidden_and_head(model_cfg, params, batch, module)
     t_hidden, t_head = jax.lax.stop_gradient(hidden_and_head(teacher_cfg, teacher, batch))
     if not ce_weight:
       kl_sum, count = losses.kd_loss(hidden, head, t_hidden, t_head, mask, temperature=temperature, **chunks)

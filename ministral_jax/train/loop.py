@@ -25,7 +25,7 @@ the last checkpoint stays good.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,11 @@ class Task:
   # next-token loss, so eval numbers compare across trainers.
   eval_loss_fn: LossFn | None = None
   extra_flops_per_token: float = 0.0  # matmuls outside the model's own fwd+bwd (a teacher's forward)
+  # Where batches come from: (data_cfg, tokenizer, global_batch, seed, rows) -> a checkpointable iterator of
+  # this process's rows, and (data_cfg, tokenizer, batch_size, max_batches, rows) -> eval batches. Offline
+  # trainers read files (the document stream by default, conversations for SFT); online trainers sample.
+  train_data: Callable[..., Any] = pipeline.train_iterator
+  eval_data: Callable[..., Any] = pipeline.eval_batches
 
 
 @struct.dataclass
@@ -127,13 +132,36 @@ def _global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data, expected):
-  """The newest intact checkpoint's state (and data-iterator state), or a fresh one; sharded by the rules."""
+def _abstract_state(model_cfg, tx, partitioner, param_shardings) -> tuple[TrainState, TrainState]:
+  """The train state's shapes and its shardings by the rules (step replicated, optimizer state like params)."""
   abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                                   transformer.abstract_params(model_cfg))
   replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
-  state_shardings = TrainState(replicated, param_shardings,
-                               partitioner.like_params(abstract_state.opt_state, param_shardings))
+  return abstract_state, TrainState(replicated, param_shardings,
+                                    partitioner.like_params(abstract_state.opt_state, param_shardings))
+
+
+def compile_step(cfg: ml_collections.ConfigDict, task: Task, model_cfg: model_config.ModelConfig,
+                 partitioner: sharding.Partitioner, features: Sequence[str]) -> Any:
+  """The job's exact train step lowered and compiled from shapes alone (real sizes on a simulated mesh):
+  `task.frozen` may hold ShapeDtypeStructs. Returns the compiled program (`.memory_analysis()`)."""
+  tx, _ = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+  param_shardings = partitioner.param_shardings(model_cfg)
+  abstract_state, state_shardings = _abstract_state(model_cfg, tx, partitioner, param_shardings)
+  state = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+  batch_sharding = partitioner.batch_sharding(2)
+  batch = {k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
+           for k in features}
+  step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
+                    in_shardings=(state_shardings, batch_sharding, task.frozen_shardings),
+                    out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
+  with partitioner.activate():
+    return step_fn.lower(state, batch, task.frozen).compile()
+
+
+def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data, expected):
+  """The newest intact checkpoint's state (and data-iterator state), or a fresh one; sharded by the rules."""
+  abstract_state, state_shardings = _abstract_state(model_cfg, tx, partitioner, param_shardings)
   restored = checkpointing.restore_intact(
       mngr, workdir, checkpointing.abstract_with_shardings(abstract_state, state_shardings), expected,
       cfg.train.allow_resume_changes)
@@ -189,6 +217,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, make_task: Callable,
   last logged metrics. `sources(cfg)` names the checkpoints the trainer reads besides `init_from`
   (e.g. {"distill.teacher": path}): they must exist and share the data's tokenizer."""
   preemption.install()
+  if not cfg.train.log_prefix and cfg.get("task"):  # every progress line names its job
+    cfg = cfg.copy_and_resolve_references()
+    cfg.train.log_prefix = f"[{cfg.task}]"
   sources = {"init_from": cfg.get("init_from", ""), **(sources(cfg) if sources else {})}
   model_cfg, partitioner = check(cfg, workdir, sources)
   with workdir_lock.hold(workdir):
@@ -208,13 +239,15 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   task: Task = make_task(cfg, model_cfg, partitioner)
   expected["task"] = task.name
   tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+  rows = partitioner.process_rows(cfg.train.global_batch)
+  data = task.train_data(cfg.data, tokenizer, cfg.train.global_batch, seed=cfg.seed, rows=rows)
+  if cfg.train.eval_every:  # a bad eval record fails now, before the checkpoints directory exists
+    task.eval_data(cfg.data, tokenizer, cfg.train.global_batch, max_batches=1, rows=rows)
   mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
   if out.exists() and mngr.latest_step() in (None, cfg.train.steps):
     mngr.close()
     print(f"{_prefix(cfg)}{workdir} is finished: its final params are in {out}; nothing to do.", flush=True)
     return {}
-  data = pipeline.train_iterator(cfg.data, tokenizer, cfg.train.global_batch, seed=cfg.seed,
-                                 rows=partitioner.process_rows(cfg.train.global_batch))
   param_shardings = partitioner.param_shardings(model_cfg)
   state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data,
                                         expected)
@@ -230,7 +263,7 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   try:
     with partitioner.activate():
       if start_step and _eval_due(cfg.train, start_step) and not writer.logged(start_step, "eval_loss"):
-        writer.write(start_step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner),
+        writer.write(start_step, evaluate(eval_fn, state.params, task, cfg, tokenizer, partitioner),
                      console=True)  # the eval a kill cut off after the checkpoint
       state, last, stopped = _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr,
                                     writer, schedule, meta, model_cfg)
@@ -300,17 +333,17 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
     if stop:
       return state, last, True
     if _eval_due(t, step):
-      writer.write(step, evaluate(eval_fn, state.params, task.frozen, cfg, tokenizer, partitioner), console=True)
+      writer.write(step, evaluate(eval_fn, state.params, task, cfg, tokenizer, partitioner), console=True)
   return state, last, False
 
 
-def evaluate(eval_fn, params, frozen, cfg, tokenizer, partitioner) -> dict[str, float]:
+def evaluate(eval_fn, params, task: Task, cfg, tokenizer, partitioner) -> dict[str, float]:
   """Mean token loss and perplexity over the eval split (or its first `train.eval_batches`)."""
   total, count = 0.0, 0.0
-  batches = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.global_batch, max_batches=cfg.train.eval_batches,
-                                  rows=partitioner.process_rows(cfg.train.global_batch))
+  batches = task.eval_data(cfg.data, tokenizer, cfg.train.global_batch, max_batches=cfg.train.eval_batches,
+                           rows=partitioner.process_rows(cfg.train.global_batch))
   for batch in batches:
-    loss_sum, n = eval_fn(params, partitioner.shard_batch(batch), frozen)
+    loss_sum, n = eval_fn(params, partitioner.shard_batch(batch), task.frozen)
     total, count = total + float(loss_sum), count + float(n)
   if count == 0:
     raise UserError("The eval split produced no tokens; check data.eval_paths / the eval split.")

@@ -1,0 +1,170 @@
+"""Trainer `sft`: supervised fine-tuning on conversations, optionally distilled from a frozen teacher.
+
+The batches are conversations rendered in Mistral's instruct format and
+packed whole (`data/chat.py`); each carries a `loss_mask` that is 1 on the
+assistant's tokens (its thinking, `[THINK]`/`[/THINK]`, the answer and the
+closing EOS) and 0 on everything the model is given (BOS, system prompt,
+user turns, `[INST]`/`[/INST]`). The loss is the next-token loss on those
+tokens only (`pretrain.token_mask` reads the mask), so a user's words never
+train the model.
+
+What an SFT job reads can be made by the job itself (`prepare`), so a tiny
+experiment runs from nothing: `tasks` writes the verifiable task suite's
+problems as conversations (`rewards/tasks.py`: train and eval splits disjoint
+by construction; `tasks.long_fraction` of them with the long chain of
+thought, the rest short; `tasks.style="instruct"` for answers without
+thinking) to `<workdir>/data/`, and without `init_from` the `parent` block
+pretrains a tiny parent in `<workdir>/parent` whose SentencePiece becomes
+the SFT tokenizer. Both are resumable and done once.
+
+`sft.kd_weight` distils from a stronger teacher on the same tokens, as the
+paper does during SFT: loss = kd_weight * KL(teacher || student) +
+(1 - kd_weight) * CE, in one pass of the chunked losses (`losses.kd_with_ce`).
+0 is plain SFT (no teacher is loaded), 1 is KL only. The periodic eval
+reports next-token loss on the assistant tokens, so runs with and without a
+teacher compare. `sft.fp8` runs the decoder's matmuls in fp8 through qwix
+(`model/fp8.py`; fp32 master weights). Resume, SIGTERM, the non-finite
+stop, metrics and checkpoints are the shared loop's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from ministral_jax import files
+from ministral_jax.checkpoint import convert
+from ministral_jax.data import chat, pipeline
+from ministral_jax.errors import UserError
+from ministral_jax.model import transformer
+from ministral_jax.model.config import ModelConfig, flops_per_token
+from ministral_jax.rewards import tasks as task_suite
+from ministral_jax.train import checkpointing, distill, loop, pretrain
+
+
+def sft_config(teacher: str = "", kd_weight: float = 0.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(teacher=teacher, teacher_dtype="", teacher_context="own",
+                                        kd_weight=kd_weight, temperature=1.0, fp8=False))
+
+
+def _module(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig):
+  if not cfg.sft.fp8:
+    return None
+  from ministral_jax.model import fp8  # qwix is imported only when asked for
+  return fp8.training_module(model_cfg, fp8=True)
+
+
+def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner,
+              teacher: tuple[Any, ModelConfig] | None = None) -> loop.Task:
+  """The SFT task; `teacher` (params, config) replaces loading `sft.teacher` (e.g. shapes only, to compile)."""
+  s = cfg.sft
+  module = _module(cfg, model_cfg)
+  next_token = pretrain.make_loss(model_cfg, cfg.loss, module)
+  data = dict(train_data=chat.chat_iterator, eval_data=chat.chat_eval_batches)
+  if not s.kd_weight:
+    return loop.Task("sft", next_token, **data)
+  teacher_params, teacher_cfg = teacher or distill.load_teacher(cfg, model_cfg, partitioner, block="sft")
+  loss_fn = distill.make_loss(model_cfg, teacher_cfg, cfg.loss, s.temperature, ce_weight=1.0 - s.kd_weight,
+                              module=module)
+  return loop.Task("sft", loss_fn, frozen=teacher_params, frozen_shardings=partitioner.param_shardings(teacher_cfg),
+                   eval_loss_fn=pretrain.make_loss(model_cfg, cfg.loss),
+                   extra_flops_per_token=flops_per_token(teacher_cfg, cfg.data.seq_len, backward=False), **data)
+
+
+def compile_abstract(cfg: ml_collections.ConfigDict, teacher_cfg: ModelConfig | None, partitioner) -> Any:
+  """This job's train step (student, frozen teacher, fp8 if asked) compiled from shapes alone: the
+  real-size check, with no checkpoint read. Returns the compiled program."""
+  model_cfg = ModelConfig.from_dict(cfg.model)
+  teacher = None
+  if cfg.sft.kd_weight:
+    if cfg.sft.teacher_dtype:
+      teacher_cfg = teacher_cfg.replace(dtype=cfg.sft.teacher_dtype)
+    teacher = (checkpointing.abstract_with_shardings(transformer.abstract_params(teacher_cfg),
+                                                     partitioner.param_shardings(teacher_cfg)), teacher_cfg)
+  task = make_task(cfg, model_cfg, partitioner, teacher)
+  return loop.compile_step(cfg, task, model_cfg, partitioner, chat.FEATURES)
+
+
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """What only SFT needs, before any work."""
+  s, problems = cfg.sft, []
+  if cfg.data.source != "chat":
+    problems.append(f"data.source={cfg.data.source!r}: SFT reads conversations; set data.source='chat' and "
+                    "data.paths to JSONL files of {\"messages\": [...]}")
+  if not 0.0 <= s.kd_weight <= 1.0:
+    problems.append(f"sft.kd_weight={s.kd_weight!r}: a weight in [0, 1] (0: no teacher, 1: KL only)")
+  if s.kd_weight and not s.teacher:
+    problems.append(f"sft.kd_weight={s.kd_weight} needs a teacher: set sft.teacher to a checkpoint directory")
+  if s.temperature <= 0:
+    problems.append(f"sft.temperature={s.temperature!r}: a positive temperature")
+  if problems:
+    raise UserError("The SFT config has problems:\n  " + "\n  ".join(problems))
+
+
+def tasks_config(family: str = "arithmetic", level: int = 2, train: int = 4000, eval_: int = 256,
+                 style: str = "short", long_fraction: float = 0.0) -> ml_collections.ConfigDict:
+  """The task suite's problems as SFT data (used when `data.paths` is empty)."""
+  return ml_collections.ConfigDict(dict(family=family, level=level, train=train, eval=eval_, style=style,
+                                        long_fraction=long_fraction, seed=0))
+
+
+def write_task_data(t: ml_collections.ConfigDict, root: epath.Path) -> tuple[str, str]:
+  """<root>/train.jsonl and eval.jsonl from the suite, written once (atomically); their paths."""
+  train, evals = root / "train.jsonl", root / "eval.jsonl"
+  if not (train.exists() and evals.exists()):
+    root.mkdir(parents=True, exist_ok=True)
+    problems = task_suite.generate(t.family, t.level, "train", t.train, t.seed)
+    pick = random.Random(f"long:{t.seed}")
+    styles = [t.style if t.style == "instruct" else ("long" if pick.random() < t.long_fraction else "short")
+              for _ in problems]
+    rows = [task_suite.to_conversation(p, st) for p, st in zip(problems, styles)]
+    files.write_text(train, "".join(json.dumps(r) + "\n" for r in rows))
+    eval_style = "instruct" if t.style == "instruct" else "short"
+    task_suite.write_jsonl(task_suite.generate(t.family, t.level, "eval", t.eval, t.seed), str(evals), eval_style)
+  return str(train), str(evals)
+
+
+def pretrain_parent(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[str, str]:
+  """A tiny parent pretrained on `parent.data` in <root> (resumable); its params and its tokenizer file."""
+  p = cfg.parent
+  c = ml_collections.ConfigDict({"task": "pretrain", "seed": cfg.seed, "init_from": "", "model": cfg.model.to_dict(),
+                                 "mesh": cfg.mesh.to_dict(), "loss": cfg.loss.to_dict(), "data": p.data.to_dict(),
+                                 "optimizer": p.optimizer.to_dict(), "eval": cfg.eval.to_dict()})
+  c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": p.steps, "log_prefix": "[sft parent]"})
+  if not (root / "params").exists():
+    pretrain.run(c, str(root))
+  return str(root / "params"), str(pipeline.build_tokenizer(c.data, str(root)).path)
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The SFT job the config describes, with the inputs it asks the job to make made first."""
+  cfg = copy.deepcopy(cfg)
+  root = epath.Path(workdir)
+  with cfg.unlocked():
+    if not cfg.data.paths and "tasks" in cfg:
+      cfg.data.paths, cfg.data.eval_paths = write_task_data(cfg.tasks, root / "data")
+    if not cfg.init_from and cfg.get("parent") and (cfg.parent.checkpoint or cfg.parent.steps):
+      if cfg.parent.checkpoint:
+        cfg.init_from = cfg.parent.checkpoint
+      else:
+        cfg.init_from, tokenizer = pretrain_parent(cfg, root / "parent")
+        cfg.data.tokenizer = tokenizer
+    if cfg.data.tokenizer == "init_from":  # the tokenizer the starting checkpoint records or ships
+      recorded = convert.recorded_tokenizer(cfg.init_from) if cfg.init_from else None
+      if not recorded:
+        raise UserError(f"data.tokenizer='init_from', but init_from={cfg.init_from!r} records no tokenizer; name "
+                        "its tokenizer file in data.tokenizer.")
+      cfg.data.tokenizer = recorded["source"]
+  return cfg
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  check(cfg)
+  cfg = prepare(cfg, workdir)
+  return loop.run(cfg, workdir, make_task,
+                  sources=lambda c: {"sft.teacher": c.sft.teacher} if c.sft.kd_weight else {})
