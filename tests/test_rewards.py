@@ -203,6 +203,7 @@ def test_hung_item_is_false_and_the_pool_survives(pool):
 
 def test_unresponsive_workers_are_killed_and_replaced(pool):
   """A worker stuck where its alarm cannot reach (here: stopped) is killed at the deadline, its item False."""
+  pool.wait_until_ready()  # stopped while still starting, a worker would only be waited for (start_timeout_s)
   before = pool.worker_pids
   for pid in before:
     os.kill(pid, signal.SIGSTOP)

@@ -150,6 +150,12 @@ class VerifierPool:
     """The workers' process ids (they change when a hung worker is replaced)."""
     return [w.process.pid for w in self._workers]
 
+  def wait_until_ready(self) -> None:
+    """Blocks until every worker has started (otherwise the first `verify` waits for them)."""
+    with self._lock:
+      for worker in self._workers:
+        self._await_ready(worker)
+
   def _await_ready(self, worker: _Worker) -> None:
     """Blocks until a new worker has imported math-verify, so that its start-up never counts against an item."""
     if worker.ready:
