@@ -152,11 +152,15 @@ def compile_step(cfg: ml_collections.ConfigDict, task: Task, model_cfg: model_co
   batch_sharding = partitioner.batch_sharding(2)
   batch = {k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
            for k in features}
-  step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
-                    in_shardings=(state_shardings, batch_sharding, task.frozen_shardings),
-                    out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
   with partitioner.activate():
-    return step_fn.lower(state, batch, task.frozen).compile()
+    return _jit_step(cfg, task, tx, state_shardings, partitioner).lower(state, batch, task.frozen).compile()
+
+
+def _jit_step(cfg, task: Task, tx, state_shardings: TrainState, partitioner: sharding.Partitioner) -> Callable:
+  """The train step, jitted with the state and batch shardings; the state is donated."""
+  return jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
+                 in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
+                 out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
 
 
 def _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data, expected):
@@ -251,9 +255,7 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   param_shardings = partitioner.param_shardings(model_cfg)
   state, state_shardings = _start_state(cfg, model_cfg, tx, partitioner, param_shardings, mngr, workdir, data,
                                         expected)
-  step_fn = jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
-                    in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
-                    out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
+  step_fn = _jit_step(cfg, task, tx, state_shardings, partitioner)
   eval_loss = task.eval_loss_fn or task.loss_fn
   eval_fn = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
                     in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
