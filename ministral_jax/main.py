@@ -34,6 +34,7 @@ TASKS = {
     "pretrain": "ministral_jax.train.pretrain",
     "distill": "ministral_jax.train.distill",
     "sft": "ministral_jax.train.sft",
+    "grpo": "ministral_jax.train.grpo",
     "eval_generate": "ministral_jax.eval.generate",
     "eval": "ministral_jax.eval.task",
     "prune": "ministral_jax.prune.task",

@@ -74,6 +74,17 @@ def host_value(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def local_rows(x: Any) -> np.ndarray:
+  """This process's rows of a global array split along its first axis (all rows when this process can
+  address it whole): what each host scores after a sharded rollout."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  by_start: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:  # replicas over the other mesh axes hold the same rows
+    by_start.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([by_start[k] for k in sorted(by_start)])
+
+
 def check_shared_workdir(workdir: str) -> None:
   """Process 0 writes a marker into the workdir; every process must read it back. A workdir that is
   local to each host (a path on its own disk) would split checkpoints and results across hosts."""

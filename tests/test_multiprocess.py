@@ -213,6 +213,7 @@ def sft_inputs(tmp_path_factory):
   return root
 
 
+@pytest.mark.xdist_group("pod_sft")  # one worker builds the shared SFT run
 def test_sft_with_distillation_and_eval_generate_on_two_processes_match_one_process(sft_inputs, tmp_path):
   args = [*SFT_QUICK, f"--config.init_from={sft_inputs / 'parent' / 'params'}", "--config.data.tokenizer=init_from",
           f"--config.sft.teacher={sft_inputs / 'params'}", "--config.sft.kd_weight=0.5"]
@@ -228,6 +229,39 @@ def test_sft_with_distillation_and_eval_generate_on_two_processes_match_one_proc
   assert [e["output"] for e in two["examples"]] == [e["output"] for e in one["examples"]]
   assert {k: two[k] for k in ("accuracy", "mean_length", "looping")} == {k: one[k] for k in ("accuracy",
                                                                                             "mean_length", "looping")}
+
+
+@pytest.mark.xdist_group("pod_sft")  # one worker builds the shared SFT run
+def test_grpo_on_two_processes_matches_one_process(sft_inputs, tmp_path):
+  """Rollouts split over the processes' devices, rewards scored by each process for its own rows,
+  advantages and metrics on the devices: the same samples, rewards and (to reduction order) updates."""
+  args = ["--config=configs/grpo_tiny.py:quick", f"--config.init_from={sft_inputs / 'params'}",
+          "--config.data.tokenizer=init_from", "--config.train.steps=4", "--config.train.log_every=1",
+          "--config.grpo.format_gate=False", "--config.grpo.rewards=('digits',)",
+          "--config.grpo.sampling.max_new_tokens=16", "--config.tasks.train=64", "--config.tasks.eval=8",
+          "--config.grpo.eval_problems=8"]
+  env = {"PYTHONPATH": os.path.join(REPO, "tests")}  # grpo_digits_main: main with a `digits` reward
+  result = subprocess.run([sys.executable, "-m", "grpo_digits_main", *args, f"--workdir={tmp_path / 'one'}"], cwd=REPO,
+                          env={**os.environ, **env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                               "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  procs = local_pod.start([*args, f"--workdir={tmp_path / 'two'}"], processes=2, devices_per_process=4,
+                          logdir=str(tmp_path / "logs"), env=env, module="grpo_digits_main")
+  assert local_pod.wait(procs, timeout=900) == 0, procs[0].output()[-3000:] + procs[1].output()[-3000:]
+  one, two = (_grpo_history(tmp_path / d) for d in ("one", "two"))
+  assert sum(r.get("updated", 0) for r in one) >= 3  # the policy moved: the comparison is not vacuous
+  exact = ("step", "accuracy", "mean_length", "max_length", "groups_dropped", "eval_accuracy", "eval_mean_length")
+  assert [{k: r[k] for k in exact if k in r} for r in two] == [{k: r[k] for k in exact if k in r} for r in one]
+  for a, b in zip(two, one):
+    for k in ("reward_mean", "loss", "grad_norm", "entropy"):
+      if k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-7, err_msg=f"step {b['step']} {k}")
+  for a, b in zip(_params(tmp_path / "two" / "params"), _params(tmp_path / "one" / "params")):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _grpo_history(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- bad input: one clear error on every process, before any work ----

@@ -49,3 +49,30 @@ def test_real_size_sft_with_a_14b_teacher_at_16k_compiles_on_8_devices(record_pr
   # Arguments = the student with AdamW's two moments (fp32, sharded like it) + the bf16 teacher + the batch.
   assert mem.argument_size_in_bytes == pytest.approx(3 * student_bytes + teacher_bytes, rel=1e-3)
   assert teacher_bytes == pytest.approx(2 * config.param_count(teacher) / 8, rel=1e-2)
+
+
+def test_real_size_grpo_rollout_and_train_step_compile_on_8_devices(record_property):
+  """configs/grpo_ministral3.py's own programs: the 3B policy's rollout (prompts bucketed to 1,024 tokens,
+  16 samples each, up to 16,384 new tokens: the KV cache of every row) and its GRPO step (4 minibatches
+  over 17,408-token rows), at 2 prompts per step (one per batch shard)."""
+  cfg = configs.load(os.path.join(REPO, "configs", "grpo_ministral3.py"))
+  part = sharding.Partitioner.from_config(cfg.mesh)
+  cfg.train.global_batch, cfg.grpo.minibatches = 2, 1  # 32 rows: 16 microbatches of one row per batch shard
+  from ministral_jax.train import grpo
+  rollout, step = grpo.compile_abstract(cfg, part, prompt_width=1024)
+  policy = config.ModelConfig.from_dict(cfg.model)
+  _, param_bytes = abstract.param_bytes(policy, part)
+  r, s = rollout.memory_analysis(), step.memory_analysis()
+  gib = 2**30
+  rows, cache_len = 2 * cfg.grpo.samples, 1024 + cfg.grpo.sampling.max_new_tokens
+  kv_bytes = 2 * policy.n_layers * rows * cache_len * policy.n_kv_heads * policy.head_dim * 2  # bf16 K and V
+  print(f"\ngrpo 3B, per device: params {param_bytes / gib:.2f} GiB; rollout ({rows} rows x {cache_len} cache): "
+        f"arguments {r.argument_size_in_bytes / gib:.2f} GiB, temporaries {r.temp_size_in_bytes / gib:.2f} GiB "
+        f"(KV cache {kv_bytes / 8 / gib:.2f} GiB); train step: arguments {s.argument_size_in_bytes / gib:.2f} GiB, "
+        f"temporaries {s.temp_size_in_bytes / gib:.2f} GiB")
+  record_property("grpo_rollout_temp_bytes", r.temp_size_in_bytes)
+  record_property("grpo_step_temp_bytes", s.temp_size_in_bytes)
+  assert r.argument_size_in_bytes == pytest.approx(param_bytes, rel=1e-2)  # the params (+ a few prompt ids)
+  # The cache is split over the batch shards (fsdp=2) and kv heads (tensor=4): at least its share is live.
+  assert r.temp_size_in_bytes >= kv_bytes / 8
+  assert s.argument_size_in_bytes == pytest.approx(3 * param_bytes, rel=1e-2)  # + AdamW's two moments

@@ -88,8 +88,14 @@ def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _all_processes(data: dict) -> dict:
   """Every process's iterator state in a `data` item, as one state of all slots (any process count
-  restores from it: each process takes its own rows)."""
-  return pipeline.merge_states(data["processes"])
+  restores from it: each process takes its own rows). An iterator without row slots (GRPO's prompts)
+  keeps one state that every process shares."""
+  states = data["processes"]
+  if states and "slots" not in states[0]:
+    if any(st != states[0] for st in states):
+      raise UserError(f"The processes saved different data-iterator states: {states[:2]}...")
+    return states[0]
+  return pipeline.merge_states(states)
 
 
 def check_resume(meta: dict, expected: dict, workdir: str, step: int, allow_changes: bool) -> None:

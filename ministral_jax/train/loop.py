@@ -61,6 +61,18 @@ class Task:
   # trainers read files (the document stream by default, conversations for SFT); online trainers sample.
   train_data: Callable[..., Any] = pipeline.train_iterator
   eval_data: Callable[..., Any] = pipeline.eval_batches
+  # Online trainers (GRPO, ODPO) make each step's batch from the live params: (params, what train_data
+  # yielded, step, tokenizer) -> the sharded device batch. The params never leave the devices.
+  rollout: Callable[..., Any] | None = None
+  # A step that is not one optimizer update (GRPO: several passes over minibatches): tx -> step(state,
+  # batch, frozen) -> (state, metrics); `updates_per_step` optimizer updates per step (for the schedule).
+  make_step: Callable[..., Callable] | None = None
+  updates_per_step: int = 1
+  # A periodic eval that is not a loss (GRPO: held-out accuracy): (params, tokenizer) -> metrics.
+  evaluate: Callable[..., dict] | None = None
+  eval_at_start: bool = False  # also evaluate the starting params (step 0): the "before" of a fine-tune
+  tokens_per_step: int = 0  # for tokens/s (default: global_batch x seq_len)
+  close: Callable[[], None] | None = None  # releases what the task holds (a verifier pool)
 
 
 @struct.dataclass
@@ -142,23 +154,26 @@ def _abstract_state(model_cfg, tx, partitioner, param_shardings) -> tuple[TrainS
 
 
 def compile_step(cfg: ml_collections.ConfigDict, task: Task, model_cfg: model_config.ModelConfig,
-                 partitioner: sharding.Partitioner, features: Sequence[str]) -> Any:
+                 partitioner: sharding.Partitioner, features: Sequence[str] | dict[str, tuple]) -> Any:
   """The job's exact train step lowered and compiled from shapes alone (real sizes on a simulated mesh):
-  `task.frozen` may hold ShapeDtypeStructs. Returns the compiled program (`.memory_analysis()`)."""
-  tx, _ = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+  `task.frozen` may hold ShapeDtypeStructs. `features` names the batch's `[global_batch, seq_len]` int32
+  arrays, or maps each name to its (shape, dtype). Returns the compiled program (`.memory_analysis()`)."""
+  tx, _ = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step)
   param_shardings = partitioner.param_shardings(model_cfg)
   abstract_state, state_shardings = _abstract_state(model_cfg, tx, partitioner, param_shardings)
   state = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
   batch_sharding = partitioner.batch_sharding(2)
-  batch = {k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
-           for k in features}
+  if not isinstance(features, dict):
+    features = {k: ((cfg.train.global_batch, cfg.data.seq_len), jnp.int32) for k in features}
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in features.items()}
   with partitioner.activate():
     return _jit_step(cfg, task, tx, state_shardings, partitioner).lower(state, batch, task.frozen).compile()
 
 
 def _jit_step(cfg, task: Task, tx, state_shardings: TrainState, partitioner: sharding.Partitioner) -> Callable:
   """The train step, jitted with the state and batch shardings; the state is donated."""
-  return jax.jit(make_train_step(task, tx, cfg.train.grad_accum, cfg.seed),
+  step = task.make_step(tx) if task.make_step else make_train_step(task, tx, cfg.train.grad_accum, cfg.seed)
+  return jax.jit(step,
                  in_shardings=(state_shardings, partitioner.batch_sharding(2), task.frozen_shardings),
                  out_shardings=(state_shardings, state_shardings.step), donate_argnums=(0,))
 
@@ -242,14 +257,16 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   out = epath.Path(workdir) / "params"
   task: Task = make_task(cfg, model_cfg, partitioner)
   expected["task"] = task.name
-  tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+  tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step)
   rows = partitioner.process_rows(cfg.train.global_batch)
   data = task.train_data(cfg.data, tokenizer, cfg.train.global_batch, seed=cfg.seed, rows=rows)
-  if cfg.train.eval_every:  # a bad eval record fails now, before the checkpoints directory exists
+  if cfg.train.eval_every and not task.evaluate:  # a bad eval record fails now, before the checkpoints exist
     task.eval_data(cfg.data, tokenizer, cfg.train.global_batch, max_batches=1, rows=rows)
   mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
   if out.exists() and mngr.latest_step() in (None, cfg.train.steps):
     mngr.close()
+    if task.close:
+      task.close()
     print(f"{_prefix(cfg)}{workdir} is finished: its final params are in {out}; nothing to do.", flush=True)
     return {}
   param_shardings = partitioner.param_shardings(model_cfg)
@@ -257,22 +274,28 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
                                         expected)
   step_fn = _jit_step(cfg, task, tx, state_shardings, partitioner)
   eval_loss = task.eval_loss_fn or task.loss_fn
-  eval_fn = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
-                    in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
+  loss_eval = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
+                      in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
+  eval_fn = ((lambda params: task.evaluate(params, tokenizer)) if task.evaluate else
+             (lambda params: evaluate(loss_eval, params, task, cfg, tokenizer, partitioner)))
   start_step = int(state.step)
   writer = metrics.MetricsWriter(workdir, start_step, prefix=cfg.train.log_prefix)
   meta = {k: expected[k] for k in ("model", "task", "settings", "tokenizer")}
   try:
     with partitioner.activate():
-      if start_step and _eval_due(cfg.train, start_step) and not writer.logged(start_step, "eval_loss"):
-        writer.write(start_step, evaluate(eval_fn, state.params, task, cfg, tokenizer, partitioner),
-                     console=True)  # the eval a kill cut off after the checkpoint
+      eval_key = "eval_accuracy" if task.evaluate else "eval_loss"
+      if start_step and _eval_due(cfg.train, start_step) and not writer.logged(start_step, eval_key):
+        writer.write(start_step, eval_fn(state.params), console=True)  # the eval a kill cut off
+      if not start_step and task.eval_at_start and cfg.train.eval_every:
+        writer.write(0, eval_fn(state.params), console=True)
       state, last, stopped = _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr,
                                     writer, schedule, meta, model_cfg)
   finally:  # an async save in flight still commits, even when a step raised
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+    if task.close:
+      task.close()
   if stopped:
     raise Preempted(workdir, int(state.step))
   if int(state.step) == cfg.train.steps and (int(state.step) > start_step or not out.exists()):
@@ -289,7 +312,7 @@ def _eval_due(t: ml_collections.ConfigDict, step: int) -> bool:
 def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mngr, writer, schedule, meta,
            model_cfg):
   t = cfg.train
-  tokens_per_step = t.global_batch * cfg.data.seq_len
+  tokens_per_step = task.tokens_per_step or t.global_batch * cfg.data.seq_len
   model_flops = model_config.flops_per_token(model_cfg, cfg.data.seq_len)
   speed = metrics.Throughput(model_flops, metrics.peak_flops_per_device(t.peak_flops_per_device), t.steps,
                              job_flops_per_token=model_flops + task.extra_flops_per_token,
@@ -308,7 +331,7 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
         raise NonFiniteLoss(f"Non-finite {', '.join(bad)} at step {s} (loss {values['loss']}). The last good "
                             f"checkpoint (step {mngr.latest_step()}) is intact; lower optimizer.lr or check "
                             "the data.")
-      values["lr"] = float(schedule(s - 1))
+      values["lr"] = float(schedule((s - 1) * task.updates_per_step))
       report = s == step and (s % t.log_every == 0 or s == t.steps)
       if report:
         values.update(speed.report(s, tokens_per_step), tokens_seen=s * tokens_per_step)
@@ -322,7 +345,9 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
       raise UserError(f"The training data ran out at step {step} of {t.steps}: data.epochs={cfg.data.epochs} "
                       f"pass(es) from document {cfg.data.start_document} on. Lower train.steps or raise "
                       "data.epochs (0 repeats forever).")
-    state, out = step_fn(state, partitioner.shard_batch(batch), task.frozen)
+    batch = (task.rollout(state.params, batch, step, tokenizer) if task.rollout
+             else partitioner.shard_batch(batch))
+    state, out = step_fn(state, batch, task.frozen)
     pending.append((step, out))
     faults.point("loop.after_step")
     stop = preemption.reached(step) and step < t.steps  # the last step finishes the job instead
@@ -335,7 +360,7 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
     if stop:
       return state, last, True
     if _eval_due(t, step):
-      writer.write(step, evaluate(eval_fn, state.params, task, cfg, tokenizer, partitioner), console=True)
+      writer.write(step, eval_fn(state.params), console=True)
   return state, last, False
 
 

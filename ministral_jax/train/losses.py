@@ -336,3 +336,37 @@ def naive_kd_loss(student_hidden: jax.Array, student_head: jax.Array, teacher_hi
   kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)  # [B, T]
   loss, count = _masked_sum(kl, mask)
   return loss * t2_scale(temperature, scale_by_t2), count
+
+
+# ---------------------------------------------------------------------------
+# Per-token log-probabilities of given tokens (policy-gradient losses).
+# ---------------------------------------------------------------------------
+def token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+                    seq_chunk: int = 512) -> tuple[jax.Array, jax.Array]:
+  """`log softmax(logits / T)[target]` and the policy's entropy, both `[B, T]` fp32.
+
+  The sequence goes through in chunks of `seq_chunk` tokens under `jax.checkpoint`, so only one
+  `[B, seq_chunk, V]` block of logits exists at a time, in the forward and again in the backward. The
+  entropy is a metric: no gradient flows through it.
+  """
+  _check(hidden, head, "Policy", seq_chunk, 1)
+  b, t, d = hidden.shape
+  c = min(seq_chunk, t)
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+  @jax.checkpoint
+  def chunk(args):
+    h, y = args  # [B, c, D], [B, c]
+    logp_all = jax.nn.log_softmax(_logits(h, head) / temperature, axis=-1)  # [B, c, V]
+    picked = jnp.take_along_axis(logp_all, y[..., None], axis=-1)[..., 0]
+    p = jax.lax.stop_gradient(logp_all)
+    return picked, -jnp.sum(jnp.exp(p) * p, axis=-1)
+
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+  logp, entropy = jax.lax.map(chunk, (split(hidden), split(targets)))
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t]
+  return merge(logp), merge(entropy)
