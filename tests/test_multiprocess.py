@@ -250,6 +250,7 @@ def test_grpo_on_two_processes_matches_one_process(sft_inputs, tmp_path):
   assert local_pod.wait(procs, timeout=900) == 0, procs[0].output()[-3000:] + procs[1].output()[-3000:]
   one, two = (_grpo_history(tmp_path / d) for d in ("one", "two"))
   assert sum(r.get("updated", 0) for r in one) >= 3  # the policy moved: the comparison is not vacuous
+  assert [r["step"] for r in one if "eval_accuracy" in r] == [0, 4]  # held-out eval at the start and the end
   exact = ("step", "accuracy", "mean_length", "max_length", "groups_dropped", "eval_accuracy", "eval_mean_length")
   assert [{k: r[k] for k in exact if k in r} for r in two] == [{k: r[k] for k in exact if k in r} for r in one]
   for a, b in zip(two, one):

@@ -24,9 +24,9 @@ def curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
   seen: dict[str, dict[int, float]] = {k: {} for k in wanted}
   for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    for k in wanted:
-      if k in row:
-        seen[k][int(row["step"])] = float(row[k])
+    for k, v in row.items():
+      if k in wanted or k.startswith("eval_pass@"):
+        seen.setdefault(k, {})[int(row["step"])] = float(v)
   return {k: sorted(v.items()) for k, v in seen.items()}
 
 
@@ -36,11 +36,17 @@ def plot(workdir: str) -> str:
   from matplotlib import pyplot as plt
   c = curves(workdir)
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-  for key, label in (("reward_mean", "train reward (mean)"), ("accuracy", "train accuracy"),
-                     ("eval_accuracy", "held-out accuracy (greedy)")):
+  if c["accuracy"]:  # 8 prompts a step are noisy: their 10-step mean
+    steps, values = zip(*c["accuracy"])
+    top.plot(steps, values, color="C1", alpha=0.3, label="train accuracy (sampled)")
+    window = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+    top.plot(steps, window, color="C1", label="train accuracy, 10-step mean")
+  held_out = [("eval_accuracy", "held-out accuracy (greedy)")] + [(k, f"held-out {k[5:]}") for k in c
+                                                                  if k.startswith("eval_pass@")]
+  for i, (key, label) in enumerate(held_out):
     if c[key]:
       steps, values = zip(*c[key])
-      top.plot(steps, values, marker="o" if key == "eval_accuracy" else None, label=label)
+      top.plot(steps, values, marker="o", color="C0" if i == 0 else f"C{i + 1}", label=label)
   top.set_ylabel("reward / accuracy")
   top.legend()
   top.grid(alpha=0.3)
