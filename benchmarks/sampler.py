@@ -19,6 +19,11 @@ number of tokens:
   - torch: `model.generate(do_sample=False)` under `no_grad`, with as many
     torch threads as XLA's CPU pool (the cores we may use; `--torch-threads`).
 
+The ceiling: a decode step cannot beat the machine's matmul peak (a 2048^2 fp32
+`jnp.dot`, best of the same rounds) on its matmul FLOPs (`flops_per_token`
+forward at the rollout's mean context), so torch's time over that bound is the
+largest ratio any sampler could reach against it here; the table prints it.
+
 Every call is warmed up once (compilation, thread pools) and then timed
 round-robin (`common.time_calls`): the shared CPU machine drifts by 2x over
 minutes, so only ratios measured in the same rounds mean anything. The greedy
@@ -48,11 +53,13 @@ import numpy as np
 
 from benchmarks.common import cpu_model, cpu_threads, markdown_table, time_calls
 from ministral_jax.checkpoint import hf
-from ministral_jax.model.config import ModelConfig, param_count
+from benchmarks.model_throughput import jax_matmul, torch_matmul
+from ministral_jax.model.config import ModelConfig, flops_per_token, param_count
 from ministral_jax.sample import sampler
 
 # ~5.1M parameters: embeddings and LM head 2 x 4096 x 256, four blocks with GQA (8 query / 2 KV heads).
 # The YaRN original context (64) lies inside a 16 + 128 token rollout, so both engines cross it.
+PEAK_N = 2048  # the square matmul that measures the machine's peak
 HF_CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                  tie_word_embeddings=False,
@@ -134,8 +141,12 @@ def main() -> None:
     outputs[(b, "ours")], outputs[(b, "torch")] = {}, {}
     fns.update({(b, name): fn for name, fn in ours(params, cfg, prompts, args.new, outputs[(b, "ours")]).items()})
     fns[(b, "torch")] = torch_generate(model, prompts, args.new, args.torch_attn, outputs[(b, "torch")])
+  fns[(0, "jax peak")], fns[(0, "torch peak")] = jax_matmul(PEAK_N, "float32"), torch_matmul(PEAK_N)
   times = time_calls(fns, args.steps)
   med = {k: statistics.median(v) for k, v in times.items()}
+  peak = {k: 2 * PEAK_N**3 / min(times[(0, f"{k} peak")]) for k in ("jax", "torch")}
+  # matmul FLOPs per generated token, at the mean context (prompt + new / 2; causal: flops_per_token halves)
+  token_flops = flops_per_token(cfg, 2 * (args.prompt + args.new // 2), backward=False)
 
   rows, results = [], []
   for b in batches:
@@ -148,13 +159,15 @@ def main() -> None:
     decode_s = max(ours_s - prefill_s, 0.0)
     steps = mine["steps"]
     sampled_step = max(med[(b, "ours T=1")] - prefill_s, 0.0) / args.new
+    ceiling = torch_s / (n_tokens * token_flops / peak["jax"])
     rows.append([str(b), f"{n_tokens / ours_s:,.0f}", f"{n_tokens / torch_s:,.0f}", f"{torch_s / ours_s:.2f}",
-                 f"{match:.4f}", f"{1e3 * prefill_s:,.1f}", f"{1e3 * decode_s:,.1f}",
+                 f"{ceiling:.1f}", f"{100 * n_tokens * token_flops / ours_s / peak['jax']:.1f}",
+                 f"{100 * n_tokens * token_flops / torch_s / peak['torch']:.1f}", f"{match:.4f}", f"{1e3 * prefill_s:,.1f}", f"{1e3 * decode_s:,.1f}",
                  f"{1e3 * decode_s / steps:.3f}", f"{1e3 * sampled_step:.3f}", f"{1e3 * torch_s / args.new:.3f}"])
     results.append(dict(batch=b, ours_s=times[(b, "ours")], torch_s=times[(b, "torch")],
                         prefill_s=times[(b, "ours prefill")], ours_tokens_per_s=n_tokens / ours_s,
                         torch_tokens_per_s=n_tokens / torch_s, ratio=torch_s / ours_s, match=match,
-                        sampled_s=times[(b, "ours T=1")], decode_steps=steps))
+                        sampled_s=times[(b, "ours T=1")], decode_steps=steps, ratio_ceiling=ceiling))
 
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
   print(f"Machine: {cpu_model()}, {threads} cores, load average {load} (1, 5, 15 min); "
@@ -164,15 +177,18 @@ def main() -> None:
         f"(ours imported with hf.load_hf); prompt {args.prompt} tokens, {args.new} new tokens, greedy, no EOS; "
         f"torch attn {args.torch_attn}, {torch_threads} threads; median of {args.steps} round-robin rounds "
         f"after 1 warm-up")
+  print(f"Matmul peak ({PEAK_N}^2 fp32, best round): JAX {peak['jax'] / 1e9:.0f} GFLOP/s, torch "
+        f"{peak['torch'] / 1e9:.0f} GFLOP/s; {token_flops / 1e6:.2f} MFLOP of matmuls per generated token")
   print()
-  print(markdown_table(["batch", "ours tokens/s", "torch tokens/s", "ours / torch", "greedy tokens equal",
+  print(markdown_table(["batch", "ours tokens/s", "torch tokens/s", "ours / torch", "ceiling on ours / torch",
+                        "ours % of peak", "torch % of peak", "greedy tokens equal",
                         "ours prefill ms", "ours decode loop ms", "ours ms / decode step",
                         "ours ms / step, T=1 sampling", "torch ms / token step"], rows))
   elapsed = time.perf_counter() - start
   print(f"\nTotal time {elapsed:.0f} s")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(args=vars(args), threads=threads, torch_threads=torch_threads, results=results,
+      json.dump(dict(args=vars(args), threads=threads, peak_flops=peak, token_flops=token_flops, torch_threads=torch_threads, results=results,
                      total_seconds=elapsed), f, indent=2)
 
 

@@ -17,37 +17,21 @@ Progress, metrics.jsonl and TensorBoard are in <workdir>; the held-out accuracy 
 train.eval_every steps; `python -m ministral_jax.train.grpo_report <workdir>` plots reward and accuracy.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from ministral_jax import configs
 from ministral_jax.train import grpo, loop, optimizer
-
-
-def _sft_config(arg: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("sft_tiny", pathlib.Path(__file__).with_name("sft_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   if arg not in ("default", "quick"):
     raise ValueError(f"configs/grpo_tiny.py:{arg}: use default or quick")
   quick = arg == "quick"
-  sft_stage = _sft_config("quick" if quick else "reasoning")
-  c = ml_collections.ConfigDict()
+  # Starts from configs/sft_tiny.py:reasoning's model (made in <workdir>/sft without init_from); its prompts are
+  # the same family and level as that SFT data (`tasks`).
+  c = configs.after_sft_stage(__file__, "quick" if quick else "reasoning",
+                              ("model", "mesh", "loss", "eval", "data", "tasks"))
   c.task = "grpo"
-  c.seed = 0
-  c.init_from = ""  # any reasoning checkpoint; empty: the SFT stage below
-  c.sft_stage = sft_stage
-  c.model = sft_stage.model.to_dict()
-  c.mesh = sft_stage.mesh.to_dict()
-  c.loss = sft_stage.loss.to_dict()
-  c.eval = sft_stage.eval.to_dict()
-  c.tasks = sft_stage.tasks.to_dict()  # the prompts: the same family and level as the SFT data
-  c.data = sft_stage.data.to_dict()
 
   c.grpo = grpo.grpo_config()
   # 8 prompts x 8 samples per step; 2 passes over 2 minibatches (4 updates, so the clip acts). T = 0.7: at

@@ -74,8 +74,8 @@ def data(block: ml_collections.ConfigDict) -> list[str]:
       ("start_document", _at_least(0), "0 or more"),
       ("epochs", _at_least(0), "0 (repeat forever) or a positive count"),
       ("tokenizer", bool, "a bundled name, a file path, or 'spm_train'"),
-      ("paths", lambda v: block.source not in ("text", "jsonl", "chat") or bool(v.strip()),
-       "comma-separated files or globs (required for source='text', 'jsonl' or 'chat')"),
+      ("paths", lambda v: block.source not in ("text", "jsonl", "chat", "preference") or bool(v.strip()),
+       "comma-separated files or globs (required for source='text', 'jsonl', 'chat' or 'preference')"),
       ("chat_pack_bins", _at_least(1), "at least 1 row being filled at a time"),
       ("tfds_name", lambda v: block.source != "tfds" or bool(v), "a TFDS dataset name (required for source='tfds')"),
   ])

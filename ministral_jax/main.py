@@ -35,6 +35,7 @@ TASKS = {
     "distill": "ministral_jax.train.distill",
     "sft": "ministral_jax.train.sft",
     "grpo": "ministral_jax.train.grpo",
+    "dpo": "ministral_jax.train.dpo",
     "eval_generate": "ministral_jax.eval.generate",
     "eval": "ministral_jax.eval.task",
     "prune": "ministral_jax.prune.task",

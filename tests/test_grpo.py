@@ -100,16 +100,10 @@ def test_the_loss_and_its_gradient_equal_tunix_grpo_loss_where_the_settings_are_
   """tunix's `grpo_loss_fn` on a stub model that returns fixed logits; ours on log_softmax of the same logits.
   Shared: given advantages (tunix has no minibatch normalisation and no group dropping), eps 0.2 / 0.28,
   token-mean <-> token_sum, sequence-mean-token-mean <-> per-sequence mean, and the k3 KL (low_var_kl)."""
-  from flax import nnx
   from tunix.rl import algo_core, common
   from tunix.rl.grpo import grpo_learner
 
-  class Fixed(nnx.Module):
-    def __init__(self, logits):
-      self.logits = nnx.Param(logits)
-
-    def __call__(self, tokens, positions=None, attention_mask=None, cache=None):
-      return self.logits[...], None
+  from tunix_stub import FixedLogits
 
   b, p, c, v, temperature = 4, 3, 5, 11, 0.9
   rng = np.random.default_rng(1)
@@ -132,7 +126,7 @@ def test_the_loss_and_its_gradient_equal_tunix_grpo_loss_where_the_settings_are_
         ex = common.TrainExample(prompt_ids=jnp.ones((b, p), jnp.int32), prompt_mask=jnp.ones((b, p), jnp.int32),
                                  completion_ids=completion, completion_mask=jnp.asarray(mask), advantages=adv,
                                  ref_per_token_logps=ref if beta else None, old_per_token_logps=old)
-        return algo_core.grpo_loss_fn(Fixed(lg), ex, tcfg, pad_id=0, eos_id=1)[0]
+        return algo_core.grpo_loss_fn(FixedLogits(lg), ex, tcfg, pad_id=0, eos_id=1)[0]
 
       def ours(lg):
         lp = jax.nn.log_softmax(lg / temperature, axis=-1)[:, p - 1:p + c - 1]
@@ -200,6 +194,22 @@ def test_rewards_are_gated_by_the_format_and_penalised_near_the_length_limit(tin
   # 1 + 0.5 format; gated to 0 without the format; 0.5 for the format minus (30 - 24) / 8 of the penalty
   np.testing.assert_allclose(out["reward"], [1.5, 0.0, 0.5 - 0.75])
   np.testing.assert_allclose(registry.length_penalty(np.array([24, 28, 32]), 32, 8), [0, -0.5, -1])
+
+
+def test_the_eval_reports_greedy_accuracy_sampled_pass_at_1_and_pass_at_k(tiny, monkeypatch):
+  """4 held-out problems, k = 2 samples each: the greedy score and the sampled scores are aggregated apart."""
+  _, cfg, tokenizer, model_cfg, params = tiny
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.grpo.update(eval_problems=4, eval_batch=4, eval_samples=2)
+  cfg.grpo.sampling.max_new_tokens = 8
+  task = grpo.GRPO(cfg, model_cfg, None)
+  graded = iter([np.array([1, 0, 0, 0.0]), np.array([1, 0, 0, 0, 1, 1, 0, 1.0])])  # greedy, then the samples
+  monkeypatch.setattr(task, "rewards", lambda texts, refs, lengths: {
+      "correct": next(graded)[:len(texts)], "reward": np.zeros(len(texts)), "format_ok": np.ones(len(texts))})
+  out = task.evaluate(params, tokenizer)
+  assert out["eval_accuracy"] == 0.25
+  assert out["eval_sampled_accuracy"] == 0.5  # 4 of 8 samples
+  assert out["eval_pass@2"] == 0.75  # problems 0, 2 and 3 have a right sample
 
 
 # ----------------------------------------------------------------------------- the job

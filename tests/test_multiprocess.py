@@ -267,6 +267,28 @@ def _grpo_history(workdir):
 
 # ---- bad input: one clear error on every process, before any work ----
 
+@pytest.mark.xdist_group("pod_sft")  # one worker builds the shared SFT run
+def test_dpo_on_two_processes_matches_one_process(sft_inputs, tmp_path):
+  """Pairs split over the processes (each holds whole pairs), policy and frozen reference on one mesh."""
+  args = ["--config=configs/dpo_tiny.py:quick", f"--config.init_from={sft_inputs / 'params'}",
+          "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
+          "--config.pairs.train=32", "--config.pairs.eval=8"]
+  _single([*args, f"--workdir={tmp_path / 'one'}"])
+  _pod([*args, f"--workdir={tmp_path / 'two'}"], tmp_path)
+  timing = ("tokens_per_s", "eta_min")
+  one, two = ([{k: v for k, v in r.items() if k not in timing} for r in _grpo_history(tmp_path / d)]
+              for d in ("one", "two"))
+  assert any(abs(r.get("margin", 0.0)) > 1e-4 for r in one)  # the policy moved away from its reference
+  # Every metric: loss, margin, implicit rewards, ranking accuracy, eval. The margin and rewards are beta times
+  # differences of log-prob sums of about -100 (fp32 ulp ~1e-5): reduction order moves them by ~1e-6 absolute.
+  assert [sorted(r) for r in two] == [sorted(r) for r in one]
+  for a, b in zip(two, one):
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=2e-6, err_msg=f"step {b['step']} {k}")
+  for a, b in zip(_params(tmp_path / "two" / "params"), _params(tmp_path / "one" / "params")):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 def test_a_process_count_the_coordinator_never_reaches_is_one_clear_error(tmp_path):
   port = local_pod.free_port()
   env = {**local_pod.process_env(0, 2, 4, port), "MINISTRAL_JAX_INIT_TIMEOUT": "5"}

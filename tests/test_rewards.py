@@ -180,6 +180,11 @@ def test_equivalent_answers(pool):
       ("\\boxed{\\frac{{}", "1", False),  # malformed LaTeX
       ("\\boxed{}{)(\\sqrt}", "1", False),
       ("\\boxed{five}", "5", False),
+      ("\\boxed{+4}", "4", True),  # integers are decided on the host; these agree with math-verify
+      ("\\boxed{007}", "7", True),
+      ("\\boxed{-0}", "0", True),
+      ("\\boxed{- 12}", "-12", True),
+      ("\\boxed{" + "9" * 70 + "}", "9" * 70, True),  # too long for the host's int rule: same text
   ]
   preds, golds, expected = zip(*cases)
   assert pool.verify(list(preds), list(golds)) == list(expected)
@@ -191,6 +196,15 @@ def test_generated_chains_of_thought_verify(pool):
   assert pool.verify([p.long_cot for p in problems], answers) == [True] * len(problems)
   wrong = [f"\\boxed{{{_as_fraction(a) + 1}}}" for a in answers]
   assert pool.verify(wrong, answers) == [False] * len(problems)
+
+
+def test_integer_answers_are_graded_without_a_worker():
+  pool = math_verifier.VerifierPool(workers=1)
+  pool.close()  # a closed pool raises if any item reaches a worker
+  assert pool.verify(["\\boxed{53}", "\\boxed{+7}", "\\boxed{72}", "x"], ["53", "7", "53", "1"]) == [
+      True, True, False, False]
+  with pytest.raises(RuntimeError, match="closed"):
+    pool.verify(["\\boxed{0.5}"], ["1/2"])
 
 
 def test_hung_item_is_false_and_the_pool_survives(pool):

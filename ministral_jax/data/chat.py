@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import pathlib
 import re
 from typing import Any, Callable, Iterator, Sequence
 
@@ -62,7 +60,6 @@ from ministral_jax.errors import UserError
 ROLES = ("system", "user", "assistant")
 FEATURES = packing.WHOLE_FEATURES
 _MESSAGE_FIELDS = ("role", "content", "thinking")
-_MAX_LISTED_PROBLEMS = 10
 # Mistral's own SentencePiece files carry their instruct version in the name; mistral-common renders them.
 _VERSIONED_SPM = re.compile(r"\.model\.v\d+(m\d+)?$")
 _DEFAULT_PACK_BINS = 8
@@ -164,44 +161,9 @@ def parse_conversation(record: Any, where: str) -> Conversation:
                       where)
 
 
-def _file_records(path: str) -> tuple[list[tuple[int, Conversation]], list[str]]:
-  """(line number, conversation) for the file's non-blank lines, and its problems ("file:line: ...")."""
-  records, problems = [], []
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(raw)
-      except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append(f"{where}: not valid JSON ({exc})")
-        continue
-      try:
-        records.append((number, parse_conversation(record, where)))
-      except UserError as exc:
-        problems.append(str(exc))
-  if not records and not problems:
-    problems.append(f"{path}: the file holds no conversations")
-  return records, problems
-
-
 def _keyed_conversations(paths: str) -> list[tuple[str, Conversation]]:
   """(hold-out key, conversation) over the files; keys follow `sources` (relative path and record index)."""
-  files = sources.expand_paths(paths)
-  root = os.path.commonpath([os.path.dirname(f) for f in files])
-  keyed, problems = [], []
-  for path in files:
-    records, bad = _file_records(path)
-    problems.extend(bad)
-    rel = pathlib.Path(os.path.relpath(path, root)).as_posix()
-    keyed.extend((f"{rel}:{i}", conversation) for i, (_, conversation) in enumerate(records))
-  if problems:
-    listed = problems[:_MAX_LISTED_PROBLEMS]
-    more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
-    raise UserError(f"{len(problems)} bad conversation record(s) in {paths!r}; fix or remove these lines:\n  "
-                    + "\n  ".join(listed) + more)
-  return keyed
+  return sources.keyed_jsonl(paths, parse_conversation, "conversation")
 
 
 def read_conversations(paths: str) -> list[Conversation]:
@@ -216,14 +178,7 @@ def read_conversations(paths: str) -> list[Conversation]:
 
 def split_conversations(data_cfg: ml_collections.ConfigDict, split: str) -> list[Conversation]:
   """The split's conversations: `eval_paths` if given, else the hash hold-out of `paths` (as `sources`)."""
-  if data_cfg.eval_paths:
-    conversations = read_conversations(data_cfg.paths if split == "train" else data_cfg.eval_paths)
-  else:
-    conversations = sources.split_entries(_keyed_conversations(data_cfg.paths), split)
-  if not conversations:
-    raise UserError(f"the chat {split} split of data.paths={data_cfg.paths!r} has no conversations; with a "
-                    "single conversation there is nothing to hold out, so set data.eval_paths")
-  return conversations
+  return sources.split_records(data_cfg, split, _keyed_conversations, "conversations")
 
 
 def plain_text(conversation: Conversation) -> str:

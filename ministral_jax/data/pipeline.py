@@ -42,7 +42,7 @@ from ministral_jax.data import packing, sources, spm_train
 from ministral_jax.data.tokenizers import Tokenizer, load_tokenizer
 from ministral_jax.errors import UserError
 
-SOURCES = ("builtin", "text", "jsonl", "tfds", "chat")
+SOURCES = ("builtin", "text", "jsonl", "tfds", "chat", "preference")
 SPLITS = ("train", "eval")
 STATE_VERSION = 2
 # Eval passes tokenize a few ms per document on a few threads; a small read-ahead keeps them cheap.
@@ -59,7 +59,8 @@ def data_config() -> ml_collections.ConfigDict:
   source: "builtin" (Python stdlib text, no download), "text", "jsonl", "tfds", or
     "chat": JSONL conversations ({"messages": [...]}, see `chat.py`) for SFT, read
     by `chat.chat_iterator` / `chat.chat_eval_batches`; here (the tokenizer's
-    training text) a conversation is the text of its messages.
+    training text) a conversation is the text of its messages; or "preference":
+    JSONL pairs (prompt, chosen, rejected[, p], see `preference.py`) for DPO.
   paths / eval_paths: comma-separated files or globs for text/jsonl/chat. Without
     eval_paths the eval split is a fixed ~2% hash hold-out of the documents in
     `paths` (see `sources.py`); with eval_paths, all of `paths` is training data.
@@ -132,6 +133,10 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDatas
     from ministral_jax.data import chat  # chat builds on this module
 
     docs = grain.MapDataset.source(chat.split_conversations(data_cfg, split)).map(chat.plain_text)
+  elif data_cfg.source == "preference":
+    from ministral_jax.data import preference  # builds on chat, which builds on this module
+
+    docs = grain.MapDataset.source(preference.split_pairs(data_cfg, split)).map(preference.plain_text)
   else:
     docs = sources.as_dataset(_file_documents(data_cfg, split), what)
   if split == "train" and data_cfg.max_documents > 0:

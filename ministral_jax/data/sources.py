@@ -34,12 +34,13 @@ import json
 import os
 import pathlib
 import sysconfig
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 
 from ministral_jax.errors import UserError
 
+_MAX_LISTED = 10  # bad records named in one error
 EVAL_FRACTION = 0.02
 TEXT_UNITS = ("paragraph", "line", "file")
 
@@ -92,6 +93,50 @@ def split_entries(keyed: Sequence[tuple[str, Entry]], split: str) -> list[Entry]
   if len(keyed) > 1 and not any(in_eval):
     in_eval[fractions.index(min(fractions))] = True
   return [entry for (_, entry), e in zip(keyed, in_eval) if e == (split == "eval")]
+
+
+def keyed_jsonl(paths: str, parse: Callable[[Any, str], Any], what: str) -> list[tuple[str, Any]]:
+  """(hold-out key, `parse(record, "file:line")`) for every non-blank line of the JSONL files, keyed by the
+  path relative to the files' common folder and the record's index (so the hold-out does not depend on where
+  the files lie). Every bad line (not JSON, or `parse` raising a UserError) is listed in one UserError."""
+  files = expand_paths(paths)
+  root = os.path.commonpath([os.path.dirname(f) for f in files])
+  keyed, problems = [], []
+  for path in files:
+    rel, count, before = pathlib.Path(os.path.relpath(path, root)).as_posix(), 0, len(problems)
+    with open(path, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        where = f"{path}:{number}"
+        try:
+          keyed.append((f"{rel}:{count}", parse(json.loads(raw), where)))
+          count += 1
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+          problems.append(f"{where}: not valid JSON ({exc})")
+        except UserError as exc:
+          problems.append(str(exc))
+    if not count and len(problems) == before:
+      problems.append(f"{path}: the file holds no {what}s")
+  if problems:
+    listed = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+    raise UserError(f"{len(problems)} bad {what} record(s) in {paths!r}; fix or remove these lines:\n  "
+                    + "\n  ".join(listed) + more)
+  return keyed
+
+
+def split_records(data_cfg, split: str, keyed: Callable[[str], Sequence[tuple[str, Any]]], what: str) -> list[Any]:
+  """The split of records read by `keyed(paths) -> [(hold-out key, record)]`: all of `eval_paths` (eval) or
+  `paths` (train) when eval_paths is set, else the hash hold-out of `paths`; never empty."""
+  if data_cfg.eval_paths:
+    records = [r for _, r in keyed(data_cfg.paths if split == "train" else data_cfg.eval_paths)]
+  else:
+    records = split_entries(keyed(data_cfg.paths), split)
+  if not records:
+    raise UserError(f"the {split} split of data.paths={data_cfg.paths!r} has no {what}; with a single one there "
+                    "is nothing to hold out, so set data.eval_paths")
+  return records
 
 
 def as_dataset(entries: Sequence[Entry], what: str) -> grain.MapDataset:

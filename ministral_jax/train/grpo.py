@@ -20,7 +20,6 @@ that SFT job in <workdir>/sft (resumable), then starts from its params and token
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -28,9 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from ministral_jax import multihost
 from ministral_jax.data import chat
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
@@ -233,17 +230,9 @@ class GRPO:
       """One optimizer update on one minibatch, its rows through in `grpo.microbatches` parts."""
       params, opt_state = carry
       adv = grpo_loss.normalize_minibatch(mini["advantage"][:, 0], mini["kept"][:, 0], s)
-      micros = jax.tree.map(lambda x: split_minibatches(x, g.microbatches, 1),
-                            {**mini, "advantage": adv[:, None]})
-      grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
-
-      def add(total, micro):
-        (loss_sum, (count, stats)), grads = grad_fn(params, micro, frozen)
-        return jax.tree.map(jnp.add, total, (loss_sum, count, stats, grads)), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: (lambda r: (r[0][0], r[0][1][0], r[0][1][1], r[1]))(
-              grad_fn(params, jax.tree.map(lambda x: x[0], micros), frozen))))
-      (loss_sum, count, stats, grads), _ = jax.lax.scan(add, zeros, micros)
+      grad_fn = jax.value_and_grad(lambda p, micro: micro_sums(p, micro, frozen), has_aux=True)
+      loss_sum, count, stats, grads = loop.accumulate_gradients(grad_fn, params, {**mini, "advantage": adv[:, None]},
+                                                                g.microbatches)
       count = jnp.maximum(count, 1.0)
       grads = jax.tree.map(lambda x: x / count, grads)
       updates, new_opt = tx.update(grads, opt_state, params)
@@ -251,8 +240,8 @@ class GRPO:
       live = stats["live_tokens"] > 0  # a minibatch of dropped groups changes nothing (not even Adam)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(live, a, b), new, old)
       entropy = stats.pop("entropy") / jnp.maximum(stats.pop("generated"), 1.0)
-      out = {"loss": loss_sum / count, "grad_norm": loop._global_norm(grads),  # pylint: disable=protected-access
-             "update_norm": loop._global_norm(updates) * live, "updated": live.astype(jnp.float32),  # pylint: disable=protected-access
+      out = {"loss": loss_sum / count, "grad_norm": loop.global_norm(grads),
+             "update_norm": loop.global_norm(updates) * live, "updated": live.astype(jnp.float32),
              "entropy": entropy, **grpo_loss.per_token_stats(stats)}
       out.pop("live_tokens")
       return (keep(new_params, params), keep(new_opt, opt_state)), out
@@ -273,7 +262,7 @@ class GRPO:
 
   # --- the eval
   def evaluate(self, params: Any, tokenizer) -> dict[str, float]:
-    """Held-out accuracy: greedy (pass@1) and, with eval_samples = k > 1, pass@k at eval_temperature."""
+    """Held-out accuracy: greedy and, with eval_samples = k > 1, pass@1 and pass@k at eval_temperature."""
     from ministral_jax.eval import generate as eval_generate
     g = self.g
     items = prompts(self.cfg.data, tokenizer, "eval", self.sampling.max_new_tokens,
@@ -300,6 +289,7 @@ class GRPO:
       texts = decode(tokenizer, sampled.completions())
       right = self.rewards(texts, [r for r in refs for _ in range(k)], sampled.lengths)["correct"]
       out[f"eval_pass@{k}"] = eval_generate.pass_at_k(right.reshape(len(items), k), k)
+      out["eval_sampled_accuracy"] = float(np.mean(right))  # pass@1 at eval_temperature, over k samples each
     return out
 
   def task(self, frozen, frozen_shardings) -> loop.Task:
@@ -397,24 +387,9 @@ def compile_abstract(cfg: ml_collections.ConfigDict, partitioner, prompt_width: 
   return rollout, step
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """The GRPO job with what it makes itself made first: its SFT starting point, its prompts."""
-  cfg = copy.deepcopy(cfg)
-  root = epath.Path(workdir)
-  with cfg.unlocked():
-    if not cfg.init_from and cfg.get("sft_stage") and cfg.sft_stage.get("task"):
-      stage = copy.deepcopy(cfg.sft_stage)
-      with stage.unlocked():
-        stage.train.log_prefix = "[grpo sft]"
-      sft.run(stage, str(root / "sft"))
-      multihost.sync("grpo:sft-stage")
-      cfg.init_from = str(root / "sft" / "params")
-    return sft.prepare(cfg, workdir)
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   check(cfg)
-  cfg = prepare(cfg, workdir)
+  cfg = sft.prepare_after_stage(cfg, workdir, "grpo")  # its SFT starting point first, when it makes its own
   last = loop.run(cfg, workdir, make_task)
   from ministral_jax.train import grpo_report
   if jax.process_index() == 0:

@@ -25,7 +25,7 @@ def curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
   for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
     for k, v in row.items():
-      if k in wanted or k.startswith("eval_pass@"):
+      if k in wanted or k.startswith("eval_pass@") or k == "eval_sampled_accuracy":
         seen.setdefault(k, {})[int(row["step"])] = float(v)
   return {k: sorted(v.items()) for k, v in seen.items()}
 
@@ -41,10 +41,11 @@ def plot(workdir: str) -> str:
     top.plot(steps, values, color="C1", alpha=0.3, label="train accuracy (sampled)")
     window = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
     top.plot(steps, window, color="C1", label="train accuracy, 10-step mean")
-  held_out = [("eval_accuracy", "held-out accuracy (greedy)")] + [(k, f"held-out {k[5:]}") for k in c
-                                                                  if k.startswith("eval_pass@")]
+  held_out = [("eval_accuracy", "held-out accuracy (greedy)"),
+              ("eval_sampled_accuracy", "held-out accuracy (sampled, pass@1)")]
+  held_out += [(k, f"held-out {k[5:]}") for k in c if k.startswith("eval_pass@")]
   for i, (key, label) in enumerate(held_out):
-    if c[key]:
+    if c.get(key):
       steps, values = zip(*c[key])
       top.plot(steps, values, marker="o", color="C0" if i == 0 else f"C{i + 1}", label=label)
   top.set_ylabel("reward / accuracy")

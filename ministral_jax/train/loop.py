@@ -72,6 +72,7 @@ class Task:
   evaluate: Callable[..., dict] | None = None
   eval_at_start: bool = False  # also evaluate the starting params (step 0): the "before" of a fine-tune
   tokens_per_step: int = 0  # for tokens/s (default: global_batch x seq_len)
+  perplexity: bool = True  # the eval loss is a token NLL, so exp(loss) is reported as eval_ppl
   close: Callable[[], None] | None = None  # releases what the task holds (a verifier pool)
 
 
@@ -109,25 +110,34 @@ def make_train_step(task: Task, tx, grad_accum: int, seed: int) -> Callable:
   def step(state: TrainState, batch: dict, frozen: Any):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.value_and_grad(lambda p, b: _with_aux(task.loss_fn(p, b, frozen, rng)), has_aux=True)
-    if grad_accum == 1:
-      (loss_sum, (count, aux)), grads = grad_fn(state.params, batch)
-    else:  # microbatches one after another: activation memory of one microbatch
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-      def body(carry, mb):
-        (ls, (n, aux)), g = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (ls, n, aux, g)), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: _first_micro(grad_fn, state.params, micro)))
-      (loss_sum, count, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+    loss_sum, count, aux, grads = accumulate_gradients(grad_fn, state.params, batch, grad_accum)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over all tokens
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
-    out = {"loss": loss_sum / count, "grad_norm": _global_norm(grads), "update_norm": _global_norm(updates),
+    out = {"loss": loss_sum / count, "grad_norm": global_norm(grads), "update_norm": global_norm(updates),
            "tokens": count,
            **{k: v / count for k, v in aux.items()}}
     return TrainState(state.step + 1, params, opt_state), out
   return step
+
+
+def accumulate_gradients(grad_fn: Callable, params: Any, batch: dict, parts: int) -> tuple[Any, Any, Any, Any]:
+  """(loss_sum, count, aux, grads) of `grad_fn(params, rows) -> ((loss_sum, (count, aux)), grads)`, summed over
+  `parts` microbatches run one after another (the activation memory of one).
+
+  Microbatch m holds rows m, m + parts, ...: on a mesh each one then spans every batch shard, where a split into
+  contiguous blocks would leave each block on a few devices."""
+  if parts == 1:
+    (loss_sum, (count, aux)), grads = grad_fn(params, batch)
+    return loss_sum, count, aux, grads
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, parts, *x.shape[1:]), 0, 1), batch)
+
+  def one(mb):
+    (loss_sum, (count, aux)), grads = grad_fn(params, mb)
+    return loss_sum, count, aux, grads
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], micro))))
+  return jax.lax.scan(lambda total, mb: (jax.tree.map(jnp.add, total, one(mb)), None), zeros, micro)[0]
 
 
 def _with_aux(result):
@@ -135,12 +145,7 @@ def _with_aux(result):
   return loss_sum, (count, aux)
 
 
-def _first_micro(grad_fn, params, micro):
-  (ls, (n, aux)), g = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
-  return ls, n, aux, g
-
-
-def _global_norm(tree: Any) -> jax.Array:
+def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
@@ -274,7 +279,7 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
                                         expected)
   step_fn = _jit_step(cfg, task, tx, state_shardings, partitioner)
   eval_loss = task.eval_loss_fn or task.loss_fn
-  loss_eval = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0))[:2],
+  loss_eval = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0)),
                       in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
   eval_fn = ((lambda params: task.evaluate(params, tokenizer)) if task.evaluate else
              (lambda params: evaluate(loss_eval, params, task, cfg, tokenizer, partitioner)))
@@ -365,14 +370,19 @@ def _train(cfg, state, data, step_fn, eval_fn, task, tokenizer, partitioner, mng
 
 
 def evaluate(eval_fn, params, task: Task, cfg, tokenizer, partitioner) -> dict[str, float]:
-  """Mean token loss and perplexity over the eval split (or its first `train.eval_batches`)."""
-  total, count = 0.0, 0.0
+  """Mean loss over the eval split (or its first `train.eval_batches`), the task's other statistics per counted
+  item, and the perplexity when the loss is a token NLL."""
+  total, count, sums = 0.0, 0.0, {}
   batches = task.eval_data(cfg.data, tokenizer, cfg.train.global_batch, max_batches=cfg.train.eval_batches,
                            rows=partitioner.process_rows(cfg.train.global_batch))
   for batch in batches:
-    loss_sum, n = eval_fn(params, partitioner.shard_batch(batch), task.frozen)
+    loss_sum, n, aux = jax.device_get(eval_fn(params, partitioner.shard_batch(batch), task.frozen))
     total, count = total + float(loss_sum), count + float(n)
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in aux.items()}
   if count == 0:
     raise UserError("The eval split produced no tokens; check data.eval_paths / the eval split.")
-  return {"eval_loss": total / count, "eval_ppl": float(np.exp(total / count))}
+  out = {"eval_loss": total / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
+  if task.perplexity:
+    out["eval_ppl"] = float(np.exp(total / count))
+  return out
 

@@ -163,6 +163,22 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.Conf
   return cfg
 
 
+def prepare_after_stage(cfg: ml_collections.ConfigDict, workdir: str, job: str) -> ml_collections.ConfigDict:
+  """For a job that starts from an SFT model (GRPO, DPO): without `init_from`, first runs its `sft_stage`
+  config in <workdir>/sft (resumable, done once) and starts from those params; then `prepare`."""
+  from ministral_jax import multihost
+  cfg = copy.deepcopy(cfg)
+  with cfg.unlocked():
+    if not cfg.init_from and cfg.get("sft_stage") and cfg.sft_stage.get("task"):
+      stage = copy.deepcopy(cfg.sft_stage)
+      with stage.unlocked():
+        stage.train.log_prefix = f"[{job} sft]"
+      run(stage, str(epath.Path(workdir) / "sft"))
+      multihost.sync(f"{job}:sft-stage")
+      cfg.init_from = str(epath.Path(workdir) / "sft" / "params")
+  return prepare(cfg, workdir)
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   check(cfg)
   cfg = prepare(cfg, workdir)
