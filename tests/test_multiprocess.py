@@ -271,8 +271,8 @@ def _grpo_history(workdir):
 def test_dpo_on_two_processes_matches_one_process(sft_inputs, tmp_path):
   """Pairs split over the processes (each holds whole pairs), policy and frozen reference on one mesh."""
   args = ["--config=configs/dpo_tiny.py:quick", f"--config.init_from={sft_inputs / 'params'}",
-          "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
-          "--config.pairs.train=32", "--config.pairs.eval=8"]
+          "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
+          "--config.train.checkpoint_every=3", "--config.pairs.train=24", "--config.pairs.eval=8"]
   _single([*args, f"--workdir={tmp_path / 'one'}"])
   _pod([*args, f"--workdir={tmp_path / 'two'}"], tmp_path)
   timing = ("tokens_per_s", "eta_min")
