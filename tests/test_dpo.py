@@ -136,7 +136,8 @@ def _bad(tiny, tmp_path, **changes):
     ({"dpo__labels": "binary"}, r"dpo\.labels='binary'"),
     ({"data__source": "chat"}, r"data\.source='chat': DPO reads preference pairs"),
     ({"dpo__label_smoothing": 0.6}, r"label_smoothing=0\.6"),
-], ids=["beta", "labels", "source", "smoothing"])
+    ({"train__grad_accum": 2}, r"train\.grad_accum=2: DPO keeps a pair's two rows in one pass"),
+], ids=["beta", "labels", "source", "smoothing", "grad_accum"])
 def test_bad_dpo_config_is_one_error_before_any_work(tiny, tmp_path, changes, message):
   with pytest.raises(UserError, match=message):
     dpo.run(_bad(tiny, tmp_path, **changes), str(tmp_path / "work"))

@@ -60,8 +60,9 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.init_from and not (cfg.get("sft_stage") and cfg.sft_stage.get("task")):
     problems.append("init_from is empty: DPO starts from a checkpoint (an SFT model), which is also its "
                     "frozen reference; name one, or give an sft_stage config to make it")
-  if cfg.train.grad_accum != 1 and cfg.train.global_batch % cfg.train.grad_accum:
-    problems.append("train.grad_accum must divide train.global_batch (pairs)")
+  if cfg.train.grad_accum != 1:  # the loop's microbatches take every k-th row: they would split a pair's rows
+    problems.append(f"train.grad_accum={cfg.train.grad_accum}: DPO keeps a pair's two rows in one pass; leave it "
+                    "at 1 and lower train.global_batch for memory")
   if problems:
     raise UserError("The DPO config has problems:\n  " + "\n  ".join(problems))
 
@@ -90,14 +91,14 @@ def make_loss(model_cfg: ModelConfig, cfg: ml_collections.ConfigDict) -> loop.Lo
   return loss_fn
 
 
+RULE_KINDS = ("wrong", "verbose", "loop")
+
+
 def pairs_config(family: str = "arithmetic", level: int = 1, train: int = 2000, eval_: int = 128,
-                 kinds: tuple[str, ...] = ("wrong", "verbose", "loop"), seed: int = 0) -> ml_collections.ConfigDict:
+                 kinds: tuple[str, ...] = RULE_KINDS, seed: int = 0) -> ml_collections.ConfigDict:
   """Pairs the job makes from the task suite by stated rules (`rule_pair`), the kinds taken in turn."""
   return ml_collections.ConfigDict(dict(family=family, level=level, train=train, eval=eval_, kinds=kinds,
                                         seed=seed))
-
-
-RULE_KINDS = ("wrong", "verbose", "loop")
 
 
 def rule_pair(problem: task_suite.Problem, kind: str, rng: random.Random) -> dict:
