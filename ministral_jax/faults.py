@@ -30,6 +30,7 @@ POINTS = (
     "params.before_commit",          # <workdir>/params fully written under its temporary name
     "prune.after_calibration",       # inside a pruning pass, statistics measured, nothing written
     "cascade.between_jobs",          # a cascade job finished, the next not started
+    "posttrain.between_jobs",        # a post-training job finished, the next not started
 )
 _counts: dict[str, int] = {}
 

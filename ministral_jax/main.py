@@ -36,11 +36,14 @@ TASKS = {
     "sft": "ministral_jax.train.sft",
     "grpo": "ministral_jax.train.grpo",
     "dpo": "ministral_jax.train.dpo",
+    "train_pwrm": "ministral_jax.train.pwrm",
+    "odpo": "ministral_jax.train.odpo",
     "eval_generate": "ministral_jax.eval.generate",
     "eval": "ministral_jax.eval.task",
     "prune": "ministral_jax.prune.task",
     "prune_ablation": "ministral_jax.prune.ablation",
     "cascade": "ministral_jax.cascade.task",
+    "posttrain": "ministral_jax.posttrain.task",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",

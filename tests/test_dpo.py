@@ -102,7 +102,7 @@ def test_dpo_steps_raise_the_chosen_responses_over_the_rejected_ones(tiny):
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.dpo.labels = "soft"
   batch = {k: jnp.asarray(v) for k, v in next(preference.train_iterator(cfg.data, tokenizer, 6, 0, (0, 6))).items()}
-  loss_fn = dpo.make_loss(model_cfg, cfg)
+  loss_fn = dpo.make_loss(model_cfg, cfg.dpo, cfg.loss.seq_chunk)
   reference = jax.tree.map(jnp.copy, params)
   tx = optax.adam(3e-3)
 
@@ -136,8 +136,7 @@ def _bad(tiny, tmp_path, **changes):
     ({"dpo__labels": "binary"}, r"dpo\.labels='binary'"),
     ({"data__source": "chat"}, r"data\.source='chat': DPO reads preference pairs"),
     ({"dpo__label_smoothing": 0.6}, r"label_smoothing=0\.6"),
-    ({"train__grad_accum": 2}, r"train\.grad_accum=2: DPO keeps a pair's two rows in one pass"),
-], ids=["beta", "labels", "source", "smoothing", "grad_accum"])
+], ids=["beta", "labels", "source", "smoothing"])
 def test_bad_dpo_config_is_one_error_before_any_work(tiny, tmp_path, changes, message):
   with pytest.raises(UserError, match=message):
     dpo.run(_bad(tiny, tmp_path, **changes), str(tmp_path / "work"))

@@ -188,7 +188,7 @@ def test_rewards_are_gated_by_the_format_and_penalised_near_the_length_limit(tin
   try:
     out = task.rewards(texts, ["4", "4", "4"], np.array([10, 10, 30]))
   finally:
-    task.close()
+    task.verifiers.close()
   np.testing.assert_allclose(out["correct"], [1, 1, 0])
   np.testing.assert_allclose(out["format_ok"], [1, 0, 1])
   # 1 + 0.5 format; gated to 0 without the format; 0.5 for the format minus (30 - 24) / 8 of the penalty

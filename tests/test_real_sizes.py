@@ -76,3 +76,32 @@ def test_real_size_grpo_rollout_and_train_step_compile_on_8_devices(record_prope
   # The cache is split over the batch shards (fsdp=2) and kv heads (tensor=4): at least its share is live.
   assert r.temp_size_in_bytes >= kv_bytes / 8
   assert s.argument_size_in_bytes == pytest.approx(3 * param_bytes, rel=1e-2)  # + AdamW's two moments
+
+
+def test_real_size_pwrm_and_online_dpo_programs_compile_on_8_devices(record_property):
+  """configs/posttrain_ministral3.py's own preference programs at 3B: the PWRM's train step (both readings of
+  8,192-token judgments), and Online DPO's rollout (two samples per prompt), judgment and DPO step (policy
+  with AdamW, frozen reference), at 2 prompts or pairs per step (one per batch shard)."""
+  from ministral_jax.train import odpo, pwrm
+  cfg = configs.load(os.path.join(REPO, "configs", "posttrain_ministral3.py"))
+  j = cfg.jobs
+  part = sharding.Partitioner.from_config(j.odpo.mesh)
+  for job in (j.odpo, j.pwrm):
+    job.train.global_batch, job.train.grad_accum = 2, 1
+  policy, judge_cfg = (config.ModelConfig.from_dict(job.model) for job in (j.odpo, j.pwrm))
+  rollout, judge, step = odpo.compile_abstract(j.odpo, part, 1024, judge_cfg)
+  pwrm_step = pwrm.compile_abstract(j.pwrm, part)
+  _, param_bytes = abstract.param_bytes(policy, part)
+  gib = 2**30
+  memories = {name: p.memory_analysis() for name, p in
+              (("rollout", rollout), ("judgment", judge), ("odpo_step", step), ("pwrm_step", pwrm_step))}
+  print("\nposttrain 3B, per device: params {:.2f} GiB; ".format(param_bytes / gib) + "; ".join(
+      f"{n}: arguments {m.argument_size_in_bytes / gib:.2f} GiB, temporaries {m.temp_size_in_bytes / gib:.2f} GiB"
+      for n, m in memories.items()))
+  for n, m in memories.items():
+    record_property(f"{n}_temp_bytes", m.temp_size_in_bytes)
+  assert memories["rollout"].argument_size_in_bytes == pytest.approx(param_bytes, rel=1e-2)
+  assert memories["judgment"].argument_size_in_bytes == pytest.approx(param_bytes, rel=1e-2)
+  # The policy with AdamW's two moments, and the frozen reference sharded like it.
+  assert memories["odpo_step"].argument_size_in_bytes == pytest.approx(4 * param_bytes, rel=1e-2)
+  assert memories["pwrm_step"].argument_size_in_bytes == pytest.approx(3 * param_bytes, rel=1e-2)

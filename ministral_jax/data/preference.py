@@ -16,7 +16,7 @@ only, and the pair's probability as `label` on both.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -123,14 +123,15 @@ def batch_rows(pairs: Sequence[Pair], tokenizer, width: int) -> dict[str, np.nda
 
 class PairIterator:
   """This process's pairs of each step, in a seeded order reshuffled every epoch; its state (steps taken) goes
-  into every checkpoint. `rows` counts pairs: the process's share of `global_batch` pairs."""
+  into every checkpoint. `rows` counts pairs: the process's share of `global_batch` pairs. `batch_fn` makes
+  the rows of a list of pairs (default: the DPO rows of `batch_rows`)."""
 
-  def __init__(self, pairs: Sequence[Pair], tokenizer, width: int, global_batch: int, rows: tuple[int, int],
-               seed: int):
-    self.pairs, self.tokenizer, self.width = pairs, tokenizer, width
+  def __init__(self, pairs: Sequence[Pair], batch_fn: Callable[[Sequence[Pair]], dict], global_batch: int,
+               rows: tuple[int, int], seed: int):
+    self.pairs, self.batch_fn = pairs, batch_fn
     self.global_batch, self.rows, self.seed, self.taken = global_batch, rows, seed, 0
     for pair in pairs:  # a pair that cannot fit fails now, before any step
-      render_pair(pair, tokenizer, width)
+      batch_fn([pair])
 
   def __iter__(self):
     return self
@@ -141,7 +142,7 @@ class PairIterator:
     picked = [self.pairs[order(i // len(self.pairs))[i % len(self.pairs)]]
               for i in range(first + self.rows[0], first + self.rows[1])]
     self.taken += 1
-    return batch_rows(picked, self.tokenizer, self.width)
+    return self.batch_fn(picked)
 
   def get_state(self) -> dict:
     return {"taken": self.taken}
@@ -150,15 +151,21 @@ class PairIterator:
     self.taken = int(state["taken"])
 
 
+def dpo_rows(tokenizer, width: int) -> Callable[[Sequence[Pair]], dict]:
+  return lambda pairs: batch_rows(pairs, tokenizer, width)
+
+
 def train_iterator(data_cfg: ml_collections.ConfigDict, tokenizer, global_batch: int, seed: int,
-                   rows: tuple[int, int]) -> PairIterator:
-  return PairIterator(split_pairs(data_cfg, "train"), tokenizer, data_cfg.seq_len, global_batch, rows, seed)
+                   rows: tuple[int, int], batch_fn: Callable | None = None) -> PairIterator:
+  return PairIterator(split_pairs(data_cfg, "train"), batch_fn or dpo_rows(tokenizer, data_cfg.seq_len),
+                      global_batch, rows, seed)
 
 
 def eval_batches(data_cfg: ml_collections.ConfigDict, tokenizer, batch_size: int, max_batches: int = 0,
-                 rows: tuple[int, int] | None = None):
+                 rows: tuple[int, int] | None = None, batch_fn: Callable | None = None):
   """One unshuffled pass over the eval pairs in global batches of `batch_size` pairs (this process's `rows`);
   the last batch is completed with rows whose loss mask is 0 (they count nothing)."""
+  batch_fn = batch_fn or dpo_rows(tokenizer, data_cfg.seq_len)
   pairs = split_pairs(data_cfg, "eval")
   start, stop = rows or (0, batch_size)
   n_batches = -(-len(pairs) // batch_size)
@@ -166,6 +173,6 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, tokenizer, batch_size: int
     chunk = pairs[b * batch_size:(b + 1) * batch_size]
     real = chunk[start:stop]
     fill = (stop - start) - len(real)
-    out = batch_rows(real + chunk[:1] * fill, tokenizer, data_cfg.seq_len)
+    out = batch_fn(real + chunk[:1] * fill)
     out["loss_mask"][2 * len(real):] = 0
     yield out

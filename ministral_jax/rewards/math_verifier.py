@@ -278,3 +278,21 @@ def verify(predictions: list[str], answers: list[str], timeout_s: float = 5.0) -
   workers = max(1, min(2, os.cpu_count() or 1, len(predictions)))
   with VerifierPool(workers=workers) as pool:
     return pool.verify(predictions, answers, timeout_s=timeout_s)
+
+
+class LazyPool:
+  """A `VerifierPool` started on first use (a trainer whose rewards never grade math starts no workers) and
+  stopped by `close()`; `get()` after `close()` starts a new one."""
+
+  def __init__(self):
+    self._pool: VerifierPool | None = None
+
+  def get(self) -> VerifierPool:
+    if self._pool is None:
+      self._pool = VerifierPool()
+    return self._pool
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.close()
+      self._pool = None

@@ -102,6 +102,7 @@ def _sampling(g: ml_collections.ConfigDict) -> sampler.Sampling:
 class Prompt:
   ids: tuple[int, ...]  # the conversation up to the assistant's first token
   reference: str  # the gold answer (or a test program), what the rewards compare against
+  messages: tuple[chat.Message, ...] = ()  # the same conversation as messages (what a PWRM reads)
 
 
 def prompt_of(conversation: chat.Conversation, tokenizer) -> Prompt:
@@ -110,7 +111,7 @@ def prompt_of(conversation: chat.Conversation, tokenizer) -> Prompt:
   starts = np.flatnonzero(np.diff(np.concatenate([[0], rendered.mask])) == 1)
   final = conversation.messages[-1].content
   reference = answer_format.extract_boxed(final) or final
-  return Prompt(tuple(int(t) for t in rendered.tokens[:starts[-1]]), reference)
+  return Prompt(tuple(int(t) for t in rendered.tokens[:starts[-1]]), reference, conversation.messages[:-1])
 
 
 def prompts(data_cfg: ml_collections.ConfigDict, tokenizer, split: str, max_new_tokens: int,
@@ -142,7 +143,8 @@ class PromptIterator:
     picked = [self.items[self._order(i // len(self.items))[i % len(self.items)]]
               for i in range(first + self.rows[0], first + self.rows[1])]
     self.taken += 1
-    return {"prompts": [p.ids for p in picked], "references": [p.reference for p in picked]}
+    return {"prompts": [p.ids for p in picked], "references": [p.reference for p in picked],
+            "messages": [p.messages for p in picked]}
 
   def get_state(self) -> dict:
     return {"taken": self.taken}
@@ -161,19 +163,8 @@ class GRPO:
     self.cfg, self.g, self.model_cfg, self.partitioner = cfg, cfg.grpo, model_cfg, partitioner
     self.settings = grpo_loss.Settings.from_config(cfg.grpo)
     self.sampling = _sampling(cfg.grpo)
-    self._verifier = None
+    self.verifiers = math_verifier.LazyPool()
     self.width = 0  # prompt bucket, set by the train data
-
-  @property
-  def verifier(self) -> math_verifier.VerifierPool:
-    if self._verifier is None:
-      self._verifier = math_verifier.VerifierPool()
-    return self._verifier
-
-  def close(self) -> None:
-    if self._verifier is not None:
-      self._verifier.close()
-      self._verifier = None
 
   # --- data
   def train_data(self, data_cfg, tokenizer, global_batch: int, seed: int, rows: tuple[int, int]) -> PromptIterator:
@@ -184,7 +175,7 @@ class GRPO:
 
   def rewards(self, texts: list[str], references: list[str], lengths: np.ndarray) -> dict[str, np.ndarray]:
     """Per response: the total reward and what it is made of."""
-    verifier = self.verifier if "math" in self.g.rewards else None  # worker processes only when used
+    verifier = self.verifiers.get() if "math" in self.g.rewards else None  # worker processes only when used
     scores = registry.score(self.g.rewards, registry.Responses(texts, references, verifier))
     total = sum(w * scores[n] for n, w in zip(self.g.rewards, self.g.reward_weights))
     fmt = np.asarray([answer_format.check_reasoning(t).ok for t in texts], np.float32)
@@ -298,7 +289,7 @@ class GRPO:
                      train_data=self.train_data, rollout=self.rollout, make_step=self.make_step,
                      updates_per_step=self.g.epochs * self.g.minibatches, evaluate=self.evaluate,
                      eval_at_start=self.g.eval_at_start,
-                     tokens_per_step=tokens * self.sampling.max_new_tokens, close=self.close)
+                     tokens_per_step=tokens * self.sampling.max_new_tokens, close=self.verifiers.close)
 
 
 def decode(tokenizer, completions: list[list[int]]) -> list[str]:

@@ -74,6 +74,7 @@ class Task:
   tokens_per_step: int = 0  # for tokens/s (default: global_batch x seq_len)
   perplexity: bool = True  # the eval loss is a token NLL, so exp(loss) is reported as eval_ppl
   close: Callable[[], None] | None = None  # releases what the task holds (a verifier pool)
+  row_group: int = 1  # rows that stay in one microbatch (2: a preference pair's two rows, 2i and 2i + 1)
 
 
 @struct.dataclass
@@ -110,7 +111,7 @@ def make_train_step(task: Task, tx, grad_accum: int, seed: int) -> Callable:
   def step(state: TrainState, batch: dict, frozen: Any):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.value_and_grad(lambda p, b: _with_aux(task.loss_fn(p, b, frozen, rng)), has_aux=True)
-    loss_sum, count, aux, grads = accumulate_gradients(grad_fn, state.params, batch, grad_accum)
+    loss_sum, count, aux, grads = accumulate_gradients(grad_fn, state.params, batch, grad_accum, task.row_group)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over all tokens
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -122,16 +123,19 @@ def make_train_step(task: Task, tx, grad_accum: int, seed: int) -> Callable:
   return step
 
 
-def accumulate_gradients(grad_fn: Callable, params: Any, batch: dict, parts: int) -> tuple[Any, Any, Any, Any]:
+def accumulate_gradients(grad_fn: Callable, params: Any, batch: dict, parts: int, group: int = 1
+                         ) -> tuple[Any, Any, Any, Any]:
   """(loss_sum, count, aux, grads) of `grad_fn(params, rows) -> ((loss_sum, (count, aux)), grads)`, summed over
   `parts` microbatches run one after another (the activation memory of one).
 
-  Microbatch m holds rows m, m + parts, ...: on a mesh each one then spans every batch shard, where a split into
-  contiguous blocks would leave each block on a few devices."""
+  Microbatch m holds the row groups m, m + parts, ... (a group: `group` adjacent rows, e.g. a preference pair):
+  on a mesh each microbatch then spans every batch shard, where a split into contiguous blocks would leave each
+  block on a few devices."""
   if parts == 1:
     (loss_sum, (count, aux)), grads = grad_fn(params, batch)
     return loss_sum, count, aux, grads
-  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, parts, *x.shape[1:]), 0, 1), batch)
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, parts, group, *x.shape[1:]), 0, 1).reshape(
+      parts, -1, *x.shape[1:]), batch)
 
   def one(mb):
     (loss_sum, (count, aux)), grads = grad_fn(params, mb)

@@ -37,7 +37,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from ministral_jax import files
+from ministral_jax import files, multihost
 from ministral_jax.checkpoint import convert
 from ministral_jax.data import chat, pipeline
 from ministral_jax.errors import UserError
@@ -108,7 +108,8 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 def tasks_config(family: str = "arithmetic", level: int = 2, train: int = 4000, eval_: int = 256,
                  style: str = "short", long_fraction: float = 0.0) -> ml_collections.ConfigDict:
-  """The task suite's problems as SFT data (used when `data.paths` is empty)."""
+  """The task suite's problems as SFT data (used when `data.paths` is empty); `long_fraction` of the answers
+  carry the long worked solution (in the thinking, or as an instruct answer)."""
   return ml_collections.ConfigDict(dict(family=family, level=level, train=train, eval=eval_, style=style,
                                         long_fraction=long_fraction, seed=0))
 
@@ -120,22 +121,33 @@ def write_task_data(t: ml_collections.ConfigDict, root: epath.Path) -> tuple[str
     root.mkdir(parents=True, exist_ok=True)
     problems = task_suite.generate(t.family, t.level, "train", t.train, t.seed)
     pick = random.Random(f"long:{t.seed}")
-    styles = [t.style if t.style == "instruct" else ("long" if pick.random() < t.long_fraction else "short")
-              for _ in problems]
-    rows = [task_suite.to_conversation(p, st) for p, st in zip(problems, styles)]
+    long = [pick.random() < t.long_fraction for _ in problems]
+    rows = [_conversation(p, t.style, is_long) for p, is_long in zip(problems, long)]
     files.write_text(train, "".join(json.dumps(r) + "\n" for r in rows))
     eval_style = "instruct" if t.style == "instruct" else "short"
     task_suite.write_jsonl(task_suite.generate(t.family, t.level, "eval", t.eval, t.seed), str(evals), eval_style)
+  multihost.sync(f"task-data:{root}")  # process 0 writes them; the others read them after this
   return str(train), str(evals)
 
 
-def pretrain_parent(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[str, str]:
+def _conversation(problem: task_suite.Problem, style: str, long: bool) -> dict:
+  """One problem as SFT data: reasoning answers carry the short or long chain of thought; instruct answers
+  are the short worked solution or, when `long`, the long one written out as the answer (a verbose model)."""
+  if style != "instruct":
+    return task_suite.to_conversation(problem, "long" if long else "short")
+  if not long:
+    return task_suite.to_conversation(problem, "instruct")
+  messages = task_suite.to_conversation(problem, "long")["messages"]
+  return {"messages": messages[:-1] + [{"role": "assistant", "content": messages[-1]["thinking"]}]}
+
+
+def pretrain_parent(cfg: ml_collections.ConfigDict, root: epath.Path, prefix: str = "[sft parent]") -> tuple[str, str]:
   """A tiny parent pretrained on `parent.data` in <root> (resumable); its params and its tokenizer file."""
   p = cfg.parent
   c = ml_collections.ConfigDict({"task": "pretrain", "seed": cfg.seed, "init_from": "", "model": cfg.model.to_dict(),
                                  "mesh": cfg.mesh.to_dict(), "loss": cfg.loss.to_dict(), "data": p.data.to_dict(),
                                  "optimizer": p.optimizer.to_dict(), "eval": cfg.eval.to_dict()})
-  c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": p.steps, "log_prefix": "[sft parent]"})
+  c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": p.steps, "log_prefix": prefix})
   if not (root / "params").exists():
     pretrain.run(c, str(root))
   return str(root / "params"), str(pipeline.build_tokenizer(c.data, str(root)).path)
@@ -166,7 +178,6 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.Conf
 def prepare_after_stage(cfg: ml_collections.ConfigDict, workdir: str, job: str) -> ml_collections.ConfigDict:
   """For a job that starts from an SFT model (GRPO, DPO): without `init_from`, first runs its `sft_stage`
   config in <workdir>/sft (resumable, done once) and starts from those params; then `prepare`."""
-  from ministral_jax import multihost
   cfg = copy.deepcopy(cfg)
   with cfg.unlocked():
     if not cfg.init_from and cfg.get("sft_stage") and cfg.sft_stage.get("task"):
