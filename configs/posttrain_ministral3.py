@@ -8,7 +8,7 @@ Run it on every worker of a TPU pod slice at once. The jobs are the real-size co
 judgments), Online DPO (64 prompts x 2 samples at T = 0.7, up to 3,072 new tokens for the instruct model;
 the reasoning model's ODPO samples up to 16,384 and the PWRM reads its answers without the thinking) and the
 offline-DPO baseline. Each job's data paths are placeholders: the preference pairs (`jobs.pwrm.data.paths`,
-`jobs.dpo.data.paths`) and the prompt mixes (`jobs.odpo.data.paths`) are yours. Budgets are estimates (the
+`jobs.dpo.data.paths`) and the prompt mixes (`jobs.odpo.data.paths`, `jobs.reasoning_odpo.data.paths`) are yours. Budgets are estimates (the
 paper gives none per stage). `tests/test_real_sizes.py` compiles the PWRM's step and ODPO's rollout, judgment
 and DPO step on a simulated 8-device CPU mesh, without weights.
 """
@@ -59,4 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   j.odpo.odpo = odpo.odpo_config()
   j.odpo.odpo.update(pwrm_seq_len=JUDGMENT, eval_problems=512, eval_batch=128)
   j.odpo.odpo.sampling.max_new_tokens = 3072
+  # The reasoning model's ODPO: its own prompts, the thinking stripped, up to posttrain.reasoning_max_new_tokens.
+  j.reasoning_odpo = ml_collections.ConfigDict(j.odpo.to_dict())
+  j.reasoning_odpo.data.paths = "gs://YOUR_BUCKET/odpo_prompts_reasoning/*.jsonl"
+  j.reasoning_odpo.data.seq_len = PROMPT_WIDTH + 16_384
   return c

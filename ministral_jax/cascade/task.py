@@ -43,7 +43,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from ministral_jax import config_checks, faults, files, sharding, workdir_lock
+from ministral_jax import config_checks, faults, files, multihost, sharding, workdir_lock
 from ministral_jax.checkpoint import convert
 from ministral_jax.data import pipeline, tokenizers
 from ministral_jax.errors import Preempted, UserError
@@ -292,6 +292,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                         + config_checks.data(cfg.data) + config_checks.loss(cfg.loss) + config_checks.distill(cfg.distill))
   parent, plan, partitioner = check(cfg, root)
   check_identity(root, cfg, write=True)
+  multihost.sync("cascade:identity")  # no process writes into the workdir before every one has checked it
   cfg = copy.deepcopy(cfg)
   with cfg.unlocked():  # one tokenizer for every job (a trained SentencePiece is trained once, here)
     cfg.data.tokenizer = str(pipeline.build_tokenizer(cfg.data, str(root)).path)

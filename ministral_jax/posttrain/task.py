@@ -13,6 +13,7 @@ Each stage is an ordinary job in its own directory of the workdir (like the casc
     reasoning/sft/     SFT on [THINK] chain of thought [/THINK] answers (short and long)
     reasoning/grpo/    GRPO from reasoning/sft
     reasoning/odpo/    Online DPO from reasoning/grpo, the thinking stripped before the PWRM reads a response
+                       (`jobs.reasoning_odpo` if given, e.g. other prompts; else `jobs.odpo`)
 
 `posttrain.recipes` lists each recipe's stages, in the order sft -> grpo -> odpo (a recipe may leave one out;
 an empty list leaves the recipe out).
@@ -74,7 +75,9 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   sft.check(j.reasoning_sft)
   grpo.check(_with_start(j.grpo))
   pwrm.check(_with_start(j.pwrm))
-  odpo.check(_with_start(j.odpo, pwrm_path="-"))
+  for job in ("odpo", "reasoning_odpo"):
+    if j.get(job):
+      odpo.check(_with_start(j[job], pwrm_path="-"))
   dpo.check(_with_start(j.dpo))
 
 
@@ -132,6 +135,12 @@ class Pipeline:
     return str(workdir / "params")
 
 
+def _suite_problems(sft_job: ml_collections.ConfigDict) -> dict:
+  """An online stage prompts with its recipe's SFT problems when those come from the task suite (the
+  miniature); with real data each job's own `data.paths` are its prompts."""
+  return {"tasks": sft_job.tasks.to_dict()} if "tasks" in sft_job else {}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from ministral_jax.posttrain import report
   config_checks.require(config_checks.workdir(workdir))
@@ -141,7 +150,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   recipes, j = cfg.posttrain.recipes, cfg.jobs
   p = Pipeline(cfg, root)
   base = p.base()
-  start = {"init_from": base, "data.tokenizer": "init_from", "data.paths": "", "data.eval_paths": ""}
+  start = {"init_from": base, "data.tokenizer": "init_from"}
   models: dict[str, str] = {}
   instruct, reasoning = recipes.get("instruct", ()), recipes.get("reasoning", ())
   if instruct:
@@ -153,7 +162,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if "odpo" in instruct:
     models["instruct/odpo"] = p.run("instruct/odpo", odpo.run, j.odpo,
                                     **{**start, "init_from": models["instruct/sft"], "odpo.pwrm": pwrm_path,
-                                       "odpo.strip_thinking": False, "tasks": j.instruct_sft.tasks.to_dict()})
+                                       "odpo.strip_thinking": False, **_suite_problems(j.instruct_sft)})
     if cfg.posttrain.baselines:  # as many preference pairs, in as many steps, from the same SFT model
       models["instruct/dpo"] = p.run("instruct/dpo", dpo.run, j.dpo,
                                      **{**start, "init_from": models["instruct/sft"],
@@ -162,12 +171,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if reasoning:
     models["reasoning/sft"] = p.run("reasoning/sft", sft.run, j.reasoning_sft, **start)
     last = models["reasoning/sft"]
-    reasoning_data = {"tasks": j.reasoning_sft.tasks.to_dict()}
+    reasoning_data = _suite_problems(j.reasoning_sft)
     if "grpo" in reasoning:
       last = models["reasoning/grpo"] = p.run("reasoning/grpo", grpo.run, j.grpo,
                                               **{**start, "init_from": last, **reasoning_data})
     if "odpo" in reasoning:
-      models["reasoning/odpo"] = p.run("reasoning/odpo", odpo.run, j.odpo,
+      models["reasoning/odpo"] = p.run("reasoning/odpo", odpo.run, j.get("reasoning_odpo") or j.odpo,
                                        **{**start, "init_from": last, "odpo.pwrm": pwrm_path,
                                           "odpo.strip_thinking": True, **reasoning_data,
                                           "odpo.sampling.max_new_tokens": cfg.posttrain.reasoning_max_new_tokens})
