@@ -33,6 +33,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c.odpo = odpo.odpo_config()
   c.odpo.update(eval_problems=16 if quick else 128, eval_batch=16 if quick else 128, pwrm_seq_len=384)
   c.odpo.sampling.update(max_new_tokens=32 if quick else 96)
+  if quick:  # toy models never stop and every pair would be dropped: judge them by the PWRM alone
+    c.odpo.loop.update(truncated_loses=False, min_tokens=10_000)
   c.train = loop.train_config(steps=4 if quick else 60, global_batch=8 if quick else 16)
   c.train.update(log_every=2 if quick else 10, eval_every=4 if quick else 30, checkpoint_every=2 if quick else 10)
   c.optimizer = optimizer.optimizer_config(lr=1e-5 if quick else 5e-6, schedule="constant")

@@ -139,11 +139,12 @@ class ODPO:
     def loss(params, batch, reference, rng):
       loss_sum, count, stats = dpo_loss_fn(params, batch, reference, rng)
       # the rollout's statistics over every sampled response, scaled so that the loop's division by the
-      # number of pairs kept leaves their means
+      # number of pairs kept (at least 1) leaves their means
+      scale = jnp.maximum(count, 1.0)
       for k in ("length", "loops", "truncated", "pwrm_p", "pair_weight"):
-        stats[{"pair_weight": "pairs_kept", "loops": "loop_rate"}.get(k, k)] = jnp.mean(batch[k]) * count
+        stats[{"pair_weight": "pairs_kept", "loops": "loop_rate"}.get(k, k)] = jnp.mean(batch[k]) * scale
       # how sure the judge is: 0 when every p is 1/2 (soft labels then teach nothing), 1 when every p is 0 or 1
-      stats["pwrm_confidence"] = jnp.mean(jnp.abs(2 * batch["pwrm_p"] - 1)) * count
+      stats["pwrm_confidence"] = jnp.mean(jnp.abs(2 * batch["pwrm_p"] - 1)) * scale
       return loss_sum, count, stats
     return loss
 
