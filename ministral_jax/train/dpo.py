@@ -64,9 +64,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"dpo.label_smoothing={d.label_smoothing!r}: in [0, 0.5)")
   if d.labels == "soft" and d.label_smoothing:
     problems.append("dpo.label_smoothing applies to hard labels; soft labels carry their own probability")
-  if not cfg.init_from and not (cfg.get("sft_stage") and cfg.sft_stage.get("task")):
-    problems.append("init_from is empty: DPO starts from a checkpoint (an SFT model), which is also its "
-                    "frozen reference; name one, or give an sft_stage config to make it")
+  problems += sft.start_problems(cfg, "DPO")
   if problems:
     raise UserError("The DPO config has problems:\n  " + "\n  ".join(problems))
 

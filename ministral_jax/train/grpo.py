@@ -72,7 +72,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   problems += registry.check_names(g.rewards)
   if len(g.reward_weights) != len(g.rewards):
     problems.append(f"grpo.reward_weights has {len(g.reward_weights)} weights for {len(g.rewards)} rewards")
-  problems += [f"grpo.sampling.{p}" for p in _sampling(g).check()]
+  problems += [f"grpo.sampling.{p}" for p in sampling_of(g).check()]
   if g.sampling.temperature <= 0:
     problems.append("grpo.sampling.temperature must be positive: GRPO needs different samples per prompt")
   if not 0 < g.eps_low < 1 or g.eps_high < g.eps_low:
@@ -90,8 +90,9 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     raise UserError("The GRPO config has problems:\n  " + "\n  ".join(problems))
 
 
-def _sampling(g: ml_collections.ConfigDict) -> sampler.Sampling:
-  s = g.sampling
+def sampling_of(block: ml_collections.ConfigDict) -> sampler.Sampling:
+  """A trainer block's `sampling` settings (GRPO's, Online DPO's) as the rollout engine takes them."""
+  s = block.sampling
   return sampler.Sampling(float(s.temperature), float(s.top_p), int(s.top_k), int(s.max_new_tokens))
 
 
@@ -162,7 +163,7 @@ class GRPO:
   def __init__(self, cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner):
     self.cfg, self.g, self.model_cfg, self.partitioner = cfg, cfg.grpo, model_cfg, partitioner
     self.settings = grpo_loss.Settings.from_config(cfg.grpo)
-    self.sampling = _sampling(cfg.grpo)
+    self.sampling = sampling_of(cfg.grpo)
     self.verifiers = math_verifier.LazyPool()
     self.width = 0  # prompt bucket, set by the train data
 
@@ -372,7 +373,7 @@ def compile_abstract(cfg: ml_collections.ConfigDict, partitioner, prompt_width: 
   with partitioner.activate():
     rollout = sampler._rollout.lower(  # pylint: disable=protected-access
         params, model_cfg, sds((prompts, prompt_width), jnp.int32), sds((prompts,), jnp.int32),
-        sds((prompts, 1), jnp.int32), jax.random.key(0), _sampling(cfg.grpo), cfg.grpo.samples).compile()
+        sds((prompts, 1), jnp.int32), jax.random.key(0), sampling_of(cfg.grpo), cfg.grpo.samples).compile()
   task = GRPO(cfg, model_cfg, partitioner).task(None, None)
   step = loop.compile_step(cfg, task, model_cfg, partitioner, batch_shapes(cfg, prompt_width))
   return rollout, step

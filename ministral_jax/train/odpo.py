@@ -66,23 +66,16 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if o.beta_rescale not in ("none", "length") or not o.beta_tokens > 0:
     problems.append(f"odpo.beta_rescale={o.beta_rescale!r}, beta_tokens={o.beta_tokens!r}: 'none' or 'length', "
                     "and a positive token count")
-  problems += [f"odpo.sampling.{p}" for p in _sampling(o).check()]
+  problems += [f"odpo.sampling.{p}" for p in grpo.sampling_of(o).check()]
   if o.sampling.temperature <= 0:
     problems.append("odpo.sampling.temperature must be positive: the two samples of a prompt must differ")
   if o.pwrm_temperature < 0 or o.eval_problems < 1 or o.eval_batch < 1:
     problems.append("odpo.pwrm_temperature >= 0 (0: the fitted one), odpo.eval_problems and eval_batch >= 1")
   if not o.pwrm and not (cfg.get("pwrm_stage") and cfg.pwrm_stage.get("task")):
     problems.append("odpo.pwrm is empty: name a train_pwrm job's <workdir>/params, or give a pwrm_stage config")
-  if not cfg.init_from and not (cfg.get("sft_stage") and cfg.sft_stage.get("task")):
-    problems.append("init_from is empty: Online DPO starts from a checkpoint (an SFT model), which is also its "
-                    "frozen reference; name one, or give an sft_stage config to make it")
+  problems += sft.start_problems(cfg, "Online DPO")
   if problems:
     raise UserError("The ODPO config has problems:\n  " + "\n  ".join(problems))
-
-
-def _sampling(o: ml_collections.ConfigDict) -> sampler.Sampling:
-  s = o.sampling
-  return sampler.Sampling(float(s.temperature), float(s.top_p), int(s.top_k), int(s.max_new_tokens))
 
 
 def labels(p: np.ndarray, loops_1: np.ndarray, loops_2: np.ndarray, hard: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +94,7 @@ class ODPO:
 
   def __init__(self, cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitioner, reference: Any):
     self.cfg, self.o, self.model_cfg, self.partitioner = cfg, cfg.odpo, model_cfg, partitioner
-    self.reference, self.sampling = reference, _sampling(cfg.odpo)
+    self.reference, self.sampling = reference, grpo.sampling_of(cfg.odpo)
     self.judge: pwrm.Judge | None = None
     self.width = 0
     self.verifiers = math_verifier.LazyPool()
@@ -219,7 +212,7 @@ def compile_abstract(cfg: ml_collections.ConfigDict, partitioner, prompt_width: 
   with partitioner.activate():
     rollout = sampler._rollout.lower(  # pylint: disable=protected-access
         params, model_cfg, sds((prompts, prompt_width), jnp.int32), sds((prompts,), jnp.int32),
-        sds((prompts, 1), jnp.int32), jax.random.key(0), _sampling(cfg.odpo), 2).compile()
+        sds((prompts, 1), jnp.int32), jax.random.key(0), grpo.sampling_of(cfg.odpo), 2).compile()
     judge = jax.jit(lambda p, b: pwrm.pair_logits(pwrm_cfg, p, b, pwrm.Choice((), 1, 2))).lower(
         judge_params, judge_rows).compile()
   task = ODPO(cfg, model_cfg, partitioner, params).task()

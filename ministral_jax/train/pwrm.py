@@ -29,7 +29,7 @@ from ministral_jax.data import pipeline, preference
 from ministral_jax.errors import UserError
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.rewards import pwrm
-from ministral_jax.train import dpo, dpo_loss, loop
+from ministral_jax.train import dpo, dpo_loss, loop, sft
 
 
 def pwrm_config(strip_thinking: bool = True) -> ml_collections.ConfigDict:
@@ -41,8 +41,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if cfg.data.source != "preference":
     problems.append(f"data.source={cfg.data.source!r}: a PWRM trains on preference pairs; set "
                     "data.source='preference' and data.paths to JSONL files of {\"prompt\", \"chosen\", \"rejected\"}")
-  if not cfg.init_from and not (cfg.get("sft_stage") and cfg.sft_stage.get("task")):
-    problems.append("init_from is empty: a PWRM starts from a decoder checkpoint; name one, or give an sft_stage")
+  problems += sft.start_problems(cfg, "A PWRM", reference=False)
   if cfg.pwrm.ece_bins < 2:
     problems.append(f"pwrm.ece_bins={cfg.pwrm.ece_bins}: at least 2")
   if problems:

@@ -175,6 +175,16 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.Conf
   return cfg
 
 
+def start_problems(cfg: ml_collections.ConfigDict, job: str, reference: bool = True) -> list[str]:
+  """What is wrong with the start of a job that begins from an SFT model (DPO, Online DPO, the PWRM): it needs
+  `init_from`, or an `sft_stage` config that makes one (`prepare_after_stage`)."""
+  if cfg.init_from or (cfg.get("sft_stage") and cfg.sft_stage.get("task")):
+    return []
+  frozen = ", which is also its frozen reference" if reference else ""
+  return [f"init_from is empty: {job} starts from a checkpoint (an SFT model){frozen}; name one, or give an "
+          "sft_stage config to make it"]
+
+
 def prepare_after_stage(cfg: ml_collections.ConfigDict, workdir: str, job: str) -> ml_collections.ConfigDict:
   """For a job that starts from an SFT model (GRPO, DPO): without `init_from`, first runs its `sft_stage`
   config in <workdir>/sft (resumable, done once) and starts from those params; then `prepare`."""
