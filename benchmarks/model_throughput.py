@@ -1,7 +1,7 @@
 """Training and inference throughput of our decoder, against transformers, in one run.
 
     python -m benchmarks.model_throughput [--preset=bench_100m] [--seq=1024] [--batch=1]
-        [--steps=3] [--dtype=float32] [--torch-attn=sdpa,eager] [--json=out.json]
+        [--steps=3] [--dtype=float32] [--torch-attn=sdpa,eager] [--attention=auto,xla] [--json=out.json]
 
 What is measured, in one process:
   1. The matmul peak each framework reaches on this machine: the best of
@@ -103,6 +103,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3,
                       help="timed rounds: model passes report the median, matmul peaks the best")
   parser.add_argument("--dtype", default="float32", help="JAX compute and peak-matmul dtype")
+  parser.add_argument("--attention", default="auto",
+                      help="comma-separated model.attention_impl values to time side by side (e.g. auto,xla)")
   parser.add_argument("--torch-attn", default="sdpa,eager", help="comma-separated; empty: no torch")
   parser.add_argument("--matmul-n", type=int, default=0, help="peak matmul size (0: 4096 CPU, 8192 else)")
   parser.add_argument("--json", default="", help="also write the results here")
@@ -113,6 +115,7 @@ def main() -> None:
   threads = cpu_threads()
   attns = [a for a in args.torch_attn.split(",") if a] if on_cpu else []
   cfg = preset(args.preset, dtype=args.dtype)
+  impls = [a for a in args.attention.split(",") if a]
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
   n = args.matmul_n or (4096 if on_cpu else 8192)
 
@@ -124,7 +127,9 @@ def main() -> None:
     import torch
     torch.set_num_threads(threads)
     fns[("torch", "matmul")] = torch_matmul(n)
-  fns.update({("jax", p): fn for p, fn in jax_passes(cfg, tokens).items()})
+  for impl in impls:
+    name = "jax" if impl == impls[0] else f"jax {impl}"
+    fns.update({(name, p): fn for p, fn in jax_passes(cfg.replace(attention_impl=impl), tokens).items()})
   for attn in attns:
     fns.update({(f"torch {attn}", p): fn for p, fn in torch_passes(cfg, tokens, attn).items()})
   times = time_calls(fns, args.steps)
@@ -157,7 +162,8 @@ def main() -> None:
         + (f"; torch float32 {peaks['torch'] / 1e9:,.1f} GFLOP/s, torch.set_num_threads({threads}) "
            f"= XLA's CPU pool size" if attns else ""))
   print()
-  print(markdown_table(["pass", "tokens/s", "GFLOP/s", "% of own matmul peak", "ours/torch (tokens/s)",
+  print(f"Rows 'jax' use attention_impl={impls[0]}; the ratio column is that row's tokens/s over this row's.")
+  print(markdown_table(["pass", "tokens/s", "GFLOP/s", "% of own matmul peak", "jax / this row (tokens/s)",
                         "step ms (min-max)"], rows))
   elapsed = time.perf_counter() - start
   print(f"\nTotal time {elapsed:.0f} s")

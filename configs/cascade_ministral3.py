@@ -75,5 +75,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.distill_optimizer.warmup_steps = 2000
   c.long = ml_collections.ConfigDict(dict(seq_len=LONG, global_batch=TOKENS_PER_STEP // LONG, yarn_factor=16.0,
                                           query_temperature_beta=0.1))
+  # 262,144 tokens of one sequence split over 16 chips (context parallelism, zigzag-balanced), heads
+  # over 4; params and optimizer state over fsdp x context. On a 512-chip v5p slice: fsdp = 8.
+  c.long.mesh = sharding.mesh_config(data=1, fsdp=-1, context=16, tensor=4)
   c.baselines = False
   return c

@@ -8,7 +8,9 @@ restore all take a `Partitioner`.
 
 Mesh axes (outer to inner, so the innermost, `tensor`, gets the fastest
 links): `data` (pure data parallel: params replicated), `fsdp` (data parallel
-with params, grads and optimizer state sharded), `tensor` (Megatron-style
+with params, grads and optimizer state sharded), `context` (one sequence
+split over devices for long contexts: activations by token, params sharded
+with fsdp; see `model/context_parallel.py`), `tensor` (Megatron-style
 heads/mlp/vocab split). Batches are split over `data` x `fsdp`.
 """
 
@@ -32,13 +34,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ministral_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 RULES: Rules = (
     # parameters
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -47,7 +49,7 @@ RULES: Rules = (
     ("layers", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -60,14 +62,16 @@ RULES: Rules = (
 )
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1) -> ml_collections.ConfigDict:
   """The `mesh` block of an experiment config. One axis may be -1 (fill the rest).
+
+  `context` > 1 splits each sequence over that many devices (long-context runs).
 
   `dcn_*` give the number of slices (multi-pod) along an axis; the mesh is
   then `dcn * ici` along it, with slices outermost.
   """
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor,
-                                        dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, context=context, tensor=tensor,
+                                        dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
 
 
 def initialize_distributed() -> None:
@@ -134,13 +138,13 @@ def _resolve_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   if math.prod(shape) != n_devices:
     raise UserError(f"Mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
                      f"{n_devices} are available. Make the product of mesh.data * mesh.fsdp * "
-                     f"mesh.tensor equal {n_devices}, or set one axis to -1.")
+                     f"mesh.context * mesh.tensor equal {n_devices}, or set one axis to -1.")
   return tuple(shape)
 
 
 def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh, hybrid ICI x DCN when dcn_* > 1."""
+  """Builds the (data, fsdp, context, tensor) mesh, hybrid ICI x DCN when dcn_* > 1."""
   mesh_cfg = dict(mesh_cfg or mesh_config())
   unknown = set(mesh_cfg) - set(MESH_AXES) - {f"dcn_{a}" for a in MESH_AXES}
   if unknown:
@@ -223,6 +227,14 @@ class Partitioner:
     if global_batch % n:
       raise UserError(f"Global batch {global_batch} cannot be split over the {n} batch shards of mesh "
                        f"{dict(self.mesh.shape)} (data x fsdp). Use a multiple of {n}.")
+
+  def context_size(self) -> int:
+    """How many devices one sequence is split over (`mesh.context` under the default rules)."""
+    return self.axis_size(self.spec(("activation_length",))[0])
+
+  def check_sequence(self, seq_len: int) -> None:
+    from ministral_jax.model import context_parallel
+    context_parallel.check_length(seq_len, self.context_size())
 
   def process_rows(self, global_batch: int) -> tuple[int, int]:
     """The rows `[start, stop)` of a global batch that this process's devices hold: what its input

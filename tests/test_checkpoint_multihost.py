@@ -172,7 +172,8 @@ def test_native_import_by_2_processes_equals_1_process_and_each_reads_only_its_h
   one = leaves(native.load_native(native_src)[0])
   assert_bitwise_equal(assembled(tmp_path / "shards", one), one)
   per_process = results(out)
-  assert {r["wq_spec"] for r in per_process} == {str(jax.sharding.PartitionSpec(None, "fsdp", "tensor", None))}
+  expected = jax.sharding.PartitionSpec(None, ("fsdp", "context"), "tensor", None)  # embed over fsdp x context
+  assert {r["wq_spec"] for r in per_process} == {str(expected)}
   total, norms = tensor_bytes(native_src), 4 * CFG.d_model * (2 * CFG.n_layers + 1)
   read = [r["bytes_read"] for r in per_process]
   print(f"checkpoint {total} tensor bytes; read per process: {read}")
@@ -188,7 +189,7 @@ def test_orbax_load_without_a_partitioner_on_2_processes_is_fsdp_over_all_device
   recorded = orbax_io.read_metadata(orbax_src)["fingerprints"]
   for r in results(out):
     assert r["fingerprints"] == recorded
-    assert r["mesh"] == {"data": 1, "fsdp": PROCESSES * DEVICES, "tensor": 1}
+    assert r["mesh"] == {"data": 1, "fsdp": PROCESSES * DEVICES, "context": 1, "tensor": 1}
 
 
 def test_convert_with_a_missing_source_fails_on_every_process_with_one_clear_error(tmp_path):

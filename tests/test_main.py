@@ -23,7 +23,7 @@ def test_default_sample_job_runs_on_a_mesh_and_resumes_from_its_workdir(tmp_path
   first = _main(*args, "--config.mesh.fsdp=2", devices=2)
   assert first.returncode == 0, first.stderr[-3000:]
   saved = json.loads((workdir / "samples.json").read_text())
-  assert saved["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert saved["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 1}
   assert all(1 <= len(s["tokens"]) <= 6 for s in saved["samples"])
   stamp = (workdir / "params" / "model_config.json").stat().st_mtime_ns
   second = _main(*args, devices=1)  # a different mesh: the checkpoint restores onto it

@@ -7,6 +7,7 @@ import pytest
 
 from ministral_jax import sharding
 from ministral_jax.model import config, layers, transformer
+from ministral_jax.model.blockwise_attention import Layout
 from ministral_jax.prune import calibration
 
 CFG = config.preset("tiny")
@@ -32,7 +33,8 @@ def _stored_activations(params, batch):
   (attention from the model's module, which the HF parity tests pin down)."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   tables, q_scale = transformer.position_tables(CFG, jnp.asarray(batch["positions"]), jnp.float32)
-  mask = transformer.segment_causal_mask(jnp.asarray(batch["segment_ids"]))
+  segments = jnp.asarray(batch["segment_ids"])
+  layout = Layout(segments, segments)
   silu = lambda x: x / (1 + np.exp(-x))
   h = p["tok_embeddings"][batch["inputs"]]
   acts = []
@@ -40,7 +42,7 @@ def _stored_activations(params, batch):
     lp = jax.tree.map(lambda x: x[l], p["layers"])
     x_attn = _rms_norm(h, lp["attention_norm"]["scale"])
     attn, _ = layers.Attention(CFG).apply({"params": jax.tree.map(jnp.float32, lp["attention"])},
-                                          jnp.float32(x_attn), tables, q_scale, mask, None, None)
+                                          jnp.float32(x_attn), tables, q_scale, layout, None, None)
     mid = h + np.asarray(attn, np.float64)
     x_ffn = _rms_norm(mid, lp["ffn_norm"]["scale"])
     hidden = silu(x_ffn @ lp["feed_forward"]["w1"]) * (x_ffn @ lp["feed_forward"]["w3"])
@@ -108,8 +110,8 @@ def test_calibration_on_an_8_device_mesh_equals_one_device(params):
   eight = sharding.Partitioner.from_config(dict(data=2, fsdp=2, tensor=2))
   a = calibration.calibrate(params, CFG, stacked, one)
   b = calibration.calibrate(eight.shard_params(params, CFG), CFG, stacked, eight)
-  for key in a:
-    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  for key in a:  # fp32 sums of 4096-entry grams: rounding is relative to the matrix's scale, not each entry's
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a[key]).max()), err_msg=key)
 
 
 def test_empty_calibration_data_is_a_clear_error(params):

@@ -34,7 +34,7 @@ def test_real_size_sft_with_a_14b_teacher_at_16k_compiles_on_8_devices(record_pr
   teacher frozen in bfloat16, one 16,384-token row per batch shard (the config's microbatch)."""
   cfg = configs.load(os.path.join(REPO, "configs", "sft_ministral3.py") + ":reasoning")
   part = sharding.Partitioner.from_config(cfg.mesh)
-  assert dict(part.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert dict(part.mesh.shape) == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
   cfg.train.global_batch, cfg.train.grad_accum = 2, 1
   student = config.ModelConfig.from_dict(cfg.model)
   teacher = config.preset("ministral3_14b", param_dtype="bfloat16", dtype="bfloat16", remat_policy="full")
@@ -105,3 +105,33 @@ def test_real_size_pwrm_and_online_dpo_programs_compile_on_8_devices(record_prop
   # The policy with AdamW's two moments, and the frozen reference sharded like it.
   assert memories["odpo_step"].argument_size_in_bytes == pytest.approx(4 * param_bytes, rel=1e-2)
   assert memories["pwrm_step"].argument_size_in_bytes == pytest.approx(3 * param_bytes, rel=1e-2)
+
+
+def test_real_size_cascade_long_context_stage_compiles_at_262k_tokens_with_context_parallelism(tmp_path,
+                                                                                             record_property):
+  """configs/cascade_ministral3.py's long-context stage of the 3B: one 262,144-token row, split over a context
+  axis of 8 simulated devices (the config's 16 x 4 needs 64), distilled from the 24B parent that reads the
+  same long context. Attention is the blockwise kernel under context parallelism; a dense `[seq, seq]`
+  score matrix alone would be 256 GiB per head."""
+  from ministral_jax.cascade import task as cascade
+  from ministral_jax.train import distill
+  cfg = configs.load(os.path.join(REPO, "configs", "cascade_ministral3.py"))
+  assert cfg.long.mesh.context > 1
+  cfg.long.mesh = sharding.mesh_config(data=1, fsdp=1, context=8, tensor=1)
+  parent = config.ModelConfig.from_dict(cfg.parent.model)  # (parent_config also checks the gs:// checkpoint)
+  stage = [s for s in cascade.stages(cfg, parent) if s.name == "ministral3_3b"][0]
+  name = f"{stage.name}/long"
+  job = cascade.Cascade(cfg, tmp_path, n_jobs=1, flops={name: 0.0}).job_config(
+      name, "distill", stage.long, 1, (0, ()), seq_len=cfg.long.seq_len, global_batch=1,
+      optimizer=cfg.distill_optimizer, teacher="parent", teacher_context="student", mesh=cascade.long_mesh(cfg))
+  part = sharding.Partitioner.from_config(job.mesh)
+  assert part.context_size() == 8 and job.data.seq_len == 262_144
+  mem = distill.compile_abstract(job, parent, part).memory_analysis()
+  _, student_bytes = abstract.param_bytes(stage.long, part)
+  _, teacher_bytes = abstract.param_bytes(parent, part)
+  gib = 2**30
+  print(f"\ncascade 3B long stage at 262K tokens (24B teacher), per device: arguments "
+        f"{mem.argument_size_in_bytes / gib:.2f} GiB, temporaries {mem.temp_size_in_bytes / gib:.2f} GiB")
+  record_property("cascade_long_temp_bytes", mem.temp_size_in_bytes)
+  assert mem.argument_size_in_bytes == pytest.approx(3 * student_bytes + teacher_bytes, rel=1e-2)
+  assert mem.argument_size_in_bytes + mem.temp_size_in_bytes < 95 * gib  # one v5p chip

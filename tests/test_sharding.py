@@ -22,7 +22,7 @@ def tokens():
 
 
 def _mesh(shape):
-  return sharding.Partitioner.from_config(dict(zip(sharding.MESH_AXES, shape)))
+  return sharding.Partitioner.from_config(dict(zip(("data", "fsdp", "tensor"), shape)))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 2, 4), (2, 2, 2)])

@@ -173,7 +173,7 @@ def test_distillation_loss_on_8_devices_equals_one_device(tmp_path):
   values = []
   for shape in [(1, 1, 1), (2, 2, 2)]:
     devices = jax.devices()[:int(np.prod(shape))]
-    part = sharding.Partitioner(sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices))
+    part = sharding.Partitioner(sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), devices))
     task = distill.make_task(cfg, student_cfg, part)
     sharded_student, sharded_batch = part.shard_params(student, student_cfg), part.shard_batch(batch)
     with part.activate():

@@ -217,19 +217,15 @@ class Cascade:
     self.job += 1
     return f"[cascade {self.job}/{self.n_jobs} {name}]"
 
-  def _flops_after(self, name: str) -> float:
-    names = list(self.flops)
-    return float(sum(self.flops[n] for n in names[names.index(name) + 1:]
-                     if not (self.root / n / "params").exists()))
-
-  def train(self, name: str, task: str, model: ModelConfig, steps: int, start: Position, *, seq_len: int,
-            global_batch: int, optimizer: ml_collections.ConfigDict, init_from: str = "",
-            teacher: str = "", teacher_context: str = "own") -> tuple[Run, Position]:
-    """A pretrain or distill job; returns its record and where its data stream stopped."""
-    cfg, workdir = self.cfg, self.root / name
+  def job_config(self, name: str, task: str, model: ModelConfig, steps: int, start: Position, *, seq_len: int,
+                 global_batch: int, optimizer: ml_collections.ConfigDict, init_from: str = "", teacher: str = "",
+                 teacher_context: str = "own", mesh: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+    """The experiment config of one job of the cascade (what `train` runs)."""
+    cfg = self.cfg
     c = ml_collections.ConfigDict({"task": task, "seed": cfg.seed, "init_from": init_from, "model": model.to_dict(),
-                                   "mesh": cfg.mesh.to_dict(), "loss": cfg.loss.to_dict(), "eval": cfg.eval.to_dict(),
-                                   "optimizer": optimizer.to_dict()})
+                                   "mesh": (mesh or cfg.mesh).to_dict(), "loss": cfg.loss.to_dict(),
+                                   "eval": cfg.eval.to_dict(), "optimizer": optimizer.to_dict()})
     c.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "start_document": start[0],
                                         "skip_documents": ",".join(map(str, start[1])), "seq_len": seq_len})
     c.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": steps, "global_batch": global_batch,
@@ -237,6 +233,22 @@ class Cascade:
     if task == "distill":
       c.distill = ml_collections.ConfigDict({**cfg.distill.to_dict(), "teacher": teacher,
                                              "teacher_context": teacher_context})
+    return c
+
+  def _flops_after(self, name: str) -> float:
+    names = list(self.flops)
+    return float(sum(self.flops[n] for n in names[names.index(name) + 1:]
+                     if not (self.root / n / "params").exists()))
+
+  def train(self, name: str, task: str, model: ModelConfig, steps: int, start: Position, *, seq_len: int,
+            global_batch: int, optimizer: ml_collections.ConfigDict, init_from: str = "",
+            teacher: str = "", teacher_context: str = "own", mesh: ml_collections.ConfigDict | None = None
+            ) -> tuple[Run, Position]:
+    """A pretrain or distill job; returns its record and where its data stream stopped."""
+    workdir = self.root / name
+    c = self.job_config(name, task, model, steps, start, seq_len=seq_len, global_batch=global_batch,
+                        optimizer=optimizer, init_from=init_from, teacher=teacher, teacher_context=teacher_context,
+                        mesh=mesh)
     if not (workdir / "params").exists():
       print(f"{c.train.log_prefix} {task}: {steps} steps x {global_batch} x {seq_len} tokens from document {start[0]}",
             flush=True)
@@ -257,6 +269,11 @@ class Cascade:
     return str(workdir / "params")
 
 
+def long_mesh(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The long-context stages' mesh: `long.mesh` (e.g. with a context axis for 262K tokens), else `mesh`."""
+  return cfg.long.get("mesh") or cfg.mesh
+
+
 def check(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[ModelConfig, list[Stage], sharding.Partitioner]:
   """Everything that can be wrong, before any work (nothing is written)."""
   parent = parent_config(cfg)
@@ -271,8 +288,13 @@ def check(cfg: ml_collections.ConfigDict, root: epath.Path) -> tuple[ModelConfig
   for model in [parent] + [m for s in plan for m in (s.short, s.long) if m is not None]:
     partitioner.param_shardings(model)
   partitioner.check_batch(cfg.train.global_batch)
+  partitioner.check_sequence(cfg.data.seq_len)
   if any(s.long for s in plan):
-    partitioner.check_batch(cfg.long.global_batch)
+    long_partitioner = sharding.Partitioner.from_config(long_mesh(cfg))
+    for model in [s.long for s in plan if s.long]:
+      long_partitioner.param_shardings(model)
+    long_partitioner.check_batch(cfg.long.global_batch)
+    long_partitioner.check_sequence(cfg.long.seq_len)
   if cfg.data.tokenizer == "spm_train":
     if cfg.data.spm_vocab_size > parent.vocab_size:
       raise UserError(f"data.spm_vocab_size={cfg.data.spm_vocab_size} exceeds the parent's vocab_size="
@@ -319,7 +341,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       runs[f"{s.name}/long"], offset = c.train(
           f"{s.name}/long", "distill", s.long, s.long_steps, offset, seq_len=cfg.long.seq_len,
           global_batch=cfg.long.global_batch, optimizer=cfg.distill_optimizer,
-          init_from=runs[f"{s.name}/short"].path, teacher=teacher,
+          init_from=runs[f"{s.name}/short"].path, teacher=teacher, mesh=long_mesh(cfg),
           teacher_context="student")  # the teacher reads the long context with the child's YaRN too
       tokens = runs[f"{s.name}/long"].tokens = runs[f"{s.name}/long"].tokens + tokens  # both stages
     if cfg.baselines:  # the same shape from scratch, as many tokens, the same window of the data

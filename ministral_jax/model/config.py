@@ -33,6 +33,9 @@ ARCH_FIELDS = (
 )
 
 
+ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash", "pallas_gpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Ministral 3 / Mistral Small 3.1 text decoder (paper Table 1)."""
@@ -67,8 +70,10 @@ class ModelConfig:
   # --- execution ---
   param_dtype: str = "float32"
   dtype: str = "float32"  # activations and matmul inputs
-  # "auto": cuDNN flash attention where available, else XLA; "xla"; "cudnn".
+  # "auto" (the best kernel for the backend), "blockwise", "splash" (TPU), "pallas_gpu",
+  # "cudnn" (GPU, unpacked only), "xla" (dense reference); see model/attention_kernels.py.
   attention_impl: str = "auto"
+  attention_block: int = 256  # query/key tile of the flash kernels (splash: a multiple of 128)
   # "none", "full" (recompute the block), "dots" (save matmul outputs),
   # "dots_no_batch" (save matmuls without batch dims: weights-stationary).
   remat_policy: str = "none"
@@ -87,8 +92,10 @@ class ModelConfig:
     _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "even (RoPE rotates pairs)")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn"):
       _check(int(getattr(self, name)) > 0, name, getattr(self, name), "a positive integer")
-    _check(self.attention_impl in ("auto", "xla", "cudnn"), "attention_impl", self.attention_impl,
-           "'auto', 'xla' or 'cudnn'")
+    _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
+           f"one of {ATTENTION_IMPLS}")
+    _check(8 <= self.attention_block and self.attention_block % 8 == 0, "attention_block", self.attention_block,
+           "a multiple of 8, at least 8 (splash on TPU: a multiple of 128)")
     _check(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy, f"one of {REMAT_POLICIES}")
     _check(self.matmul_precision in ("default", "high", "highest"), "matmul_precision",
            self.matmul_precision, "'default', 'high' or 'highest'")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ministral_jax.model import attention_kernels
+from ministral_jax.model.blockwise_attention import Layout
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.model.rope import apply_rope
 
@@ -49,7 +50,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], q_scale: jax.Array,
-               mask: jax.Array, cache: KVCache | None, write_index: jax.Array | None
+               layout: Layout, cache: KVCache | None, write_index: jax.Array | None
                ) -> tuple[jax.Array, KVCache | None]:
     cfg, dt, prec = self.cfg, jnp.dtype(self.cfg.dtype), _precision(self.cfg)
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -69,8 +70,8 @@ class Attention(nn.Module):
     if cache is not None:
       key, value = _write_cache(cache, key, value, write_index)
       cache = (key, value)
-    out = attention_kernels.attend(q, key.astype(dt), value.astype(dt), mask, cfg.attention_impl,
-                                   causal=cache is None)
+    out = attention_kernels.attend(q, key.astype(dt), value.astype(dt), layout, cfg.attention_impl,
+                                   causal=True, block=cfg.attention_block)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     return jnp.einsum("btnh,nhd->btd", out, wo, precision=prec), cache
 
@@ -108,12 +109,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, cache: KVCache | None, rope: tuple[jax.Array, jax.Array],
-               q_scale: jax.Array, mask: jax.Array, write_index: jax.Array | None
+               q_scale: jax.Array, layout: Layout, write_index: jax.Array | None
                ) -> tuple[jax.Array, KVCache | None]:
     residual_axes = ("activation_batch", "activation_length", "activation_embed")
     h = nn.with_logical_constraint(h, residual_axes)
     attn_out, cache = Attention(self.cfg, name="attention")(
-        RMSNorm(self.cfg, name="attention_norm")(h), rope, q_scale, mask, cache, write_index)
+        RMSNorm(self.cfg, name="attention_norm")(h), rope, q_scale, layout, cache, write_index)
     h = h + attn_out
     h = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
     return nn.with_logical_constraint(h, residual_axes), cache

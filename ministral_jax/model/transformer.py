@@ -16,7 +16,8 @@ pass scans over them or unrolls the loop):
     output                         [d_model, vocab]   (absent when tied)
 
 Positions are per token, so packed documents restart at 0. Without a cache,
-token i attends to token j iff j <= i and both have the same segment id.
+token i attends to token j iff j <= i and both have the same segment id; the
+kernels get those ids, never a `[seq, seq]` mask (`attention_kernels.py`).
 With a cache, each batch row writes its new keys at its own offset
 `positions[:, 0]` (cache slot == position), and attends to every slot at or
 before its position; right-padded prompts of different lengths therefore
@@ -32,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ministral_jax.model import layers, rope
+from ministral_jax.errors import UserError
+from ministral_jax.model import context_parallel, layers, rope
+from ministral_jax.model.blockwise_attention import Layout
 from ministral_jax.model.config import ModelConfig
 
 LAYOUT = "stacked_layers/v1"
@@ -78,16 +81,26 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)  # [batch, seq, d_model]
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
-    rope_tables, q_scale = position_tables(cfg, positions, dt)
+    shards = context_parallel.context_shards()
     if cache is None:
-      mask = segment_causal_mask(segment_ids if segment_ids is not None
-                                  else jnp.ones((batch, seq), jnp.int32))
+      layout = Layout(segment_ids, segment_ids)
+      if shards > 1:  # the sequence is split over the context axis, in zigzag order
+        context_parallel.check_length(seq, shards)
+        index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        h, positions, index = (context_parallel.zigzag(x, shards) for x in (h, positions, index))
+        segments = None if segment_ids is None else context_parallel.zigzag(segment_ids, shards)
+        layout = Layout(segments, segments, index, index)
       write_index = None
     else:
-      cache_len = cache[0].shape[2]
-      mask = (jnp.arange(cache_len)[None, None, None, :] <= positions[:, None, :, None])
+      if shards > 1:
+        raise UserError("Decoding with a KV cache runs with mesh.context=1; context parallelism is for "
+                        "training and scoring full sequences. Set mesh.context=1 for sampling jobs.")
+      layout = Layout(q_index=positions)  # cache slot == position: row r sees slots <= its position
       write_index = positions[:, 0]
-    h, cache = self.layers(h, cache, rope_tables, q_scale, mask, write_index)
+    rope_tables, q_scale = position_tables(cfg, positions, dt)
+    h, cache = self.layers(h, cache, rope_tables, q_scale, layout, write_index)
+    if shards > 1 and cache is None:
+      h = context_parallel.unzigzag(h, shards)
     h = self.norm(h)
     if return_hidden:
       return h, cache
@@ -115,14 +128,6 @@ def position_tables(cfg: ModelConfig, positions: jax.Array, dtype: Any
   q_scale = (rope.query_temperature(cfg, positions, dtype) if cfg.query_temperature_beta
              else jnp.ones((1, 1, 1, 1), dtype))
   return rope.rope_cos_sin(cfg, positions, dtype), q_scale
-
-
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
-  """`[batch, 1, seq, seq]`: causal and within one segment (document)."""
-  seq = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None]
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:

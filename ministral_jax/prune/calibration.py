@@ -34,6 +34,7 @@ from ministral_jax import sharding
 from ministral_jax.errors import UserError
 from ministral_jax.model import layers as model_layers
 from ministral_jax.model import transformer
+from ministral_jax.model.blockwise_attention import Layout
 from ministral_jax.model.config import ModelConfig
 
 STATS = ("norm_ratio", "block_influence", "second_moment", "second_moment_normalized", "channel_energy",
@@ -68,7 +69,7 @@ def batch_stats(params: Any, cfg: ModelConfig, batch: dict, wanted: Iterable[str
   w = (segments != 0).astype(jnp.float32)  # [batch, seq]
   h = jnp.take(params["tok_embeddings"], tokens, axis=0).astype(dt)  # [batch, seq, d_model]
   rope_tables, q_scale = transformer.position_tables(cfg, positions, dt)
-  mask = transformer.segment_causal_mask(segments)
+  layout = Layout(segments, segments)
   norm, attention, ffn = model_layers.RMSNorm(cfg), model_layers.Attention(cfg), model_layers.FeedForward(cfg)
 
   moments = [k for k in _MOMENTS if k in wanted]
@@ -76,7 +77,7 @@ def batch_stats(params: Any, cfg: ModelConfig, batch: dict, wanted: Iterable[str
   def layer(carry, p):
     h, sums = carry
     x_attn = norm.apply({"params": p["attention_norm"]}, h)
-    attn_out, _ = attention.apply({"params": p["attention"]}, x_attn, rope_tables, q_scale, mask, None, None)
+    attn_out, _ = attention.apply({"params": p["attention"]}, x_attn, rope_tables, q_scale, layout, None, None)
     mid = h + attn_out
     x_ffn = norm.apply({"params": p["ffn_norm"]}, mid)
     ffn_out, inter = ffn.apply({"params": p["feed_forward"]}, x_ffn, mutable=["intermediates"])

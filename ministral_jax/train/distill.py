@@ -11,14 +11,17 @@ the T^2 convention.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
 from etils import epath
 
 from ministral_jax.checkpoint import convert
 from ministral_jax.errors import UserError
+from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig, flops_per_token
-from ministral_jax.train import loop, losses, pretrain
+from ministral_jax.train import checkpointing, loop, losses, pretrain
 from ministral_jax.train.pretrain import hidden_and_head, token_mask
 
 
@@ -82,6 +85,22 @@ def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitione
                    frozen_shardings=partitioner.param_shardings(teacher_cfg),
                    eval_loss_fn=pretrain.make_loss(model_cfg, cfg.loss),
                    extra_flops_per_token=flops_per_token(teacher_cfg, cfg.data.seq_len, backward=False))
+
+
+def compile_abstract(cfg: ml_collections.ConfigDict, teacher_cfg: ModelConfig, partitioner) -> Any:
+  """This job's train step compiled from shapes alone, with a teacher of `teacher_cfg` (after
+  `teacher_dtype` and `teacher_context`, as `load_teacher` would make it): the real-size check of
+  a cascade stage, with no checkpoint read. Returns the compiled program."""
+  model_cfg = ModelConfig.from_dict(cfg.model)
+  if cfg.distill.teacher_dtype:
+    teacher_cfg = teacher_cfg.replace(dtype=cfg.distill.teacher_dtype)
+  if cfg.distill.get("teacher_context", "own") == "student":
+    teacher_cfg = teacher_cfg.replace(**{k: getattr(model_cfg, k) for k in CONTEXT_FIELDS})
+  shardings = partitioner.param_shardings(teacher_cfg)
+  teacher = checkpointing.abstract_with_shardings(transformer.abstract_params(teacher_cfg), shardings)
+  task = loop.Task("distill", make_loss(model_cfg, teacher_cfg, cfg.loss, cfg.distill.temperature,
+                                        cfg.distill.ce_weight), frozen=teacher, frozen_shardings=shardings)
+  return loop.compile_step(cfg, task, model_cfg, partitioner, ["inputs", "targets", "positions", "segment_ids"])
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

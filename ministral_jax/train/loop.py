@@ -228,6 +228,7 @@ def check(cfg: ml_collections.ConfigDict, workdir: str, sources: dict[str, str]
   config_checks.require(problems)
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
   partitioner.param_shardings(model_cfg)
+  partitioner.check_sequence(cfg.data.seq_len)
   _check_batching(cfg, partitioner)
   pipeline.documents(cfg.data, "train")  # an empty corpus fails here
   if cfg.train.eval_every:

@@ -42,7 +42,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec
+
 from ministral_jax.errors import UserError
+from ministral_jax.model import context_parallel
 
 # Masked logits: exp() of them underflows to exactly 0. They are finite, not
 # -inf, so that the KD gap's (z_t - z_s) at a masked column is 0 rather than
@@ -179,6 +182,30 @@ def _token_losses(terms: Terms, inv_t: float, seq_chunk: int, vocab_chunk: int, 
   return _forward(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets)[0]
 
 
+def _per_token(terms: Terms, inv_t: float, seq_chunk: int, vocab_chunk: int, hs, ws, ht, wt, targets):
+  """`_token_losses`, with a sequence split over the context mesh axis folded into the batch first.
+
+  The chunk loops slice the sequence dynamically, which XLA cannot do on a
+  sharded axis (it would gather every token onto every device). `[B, T]` ->
+  `[B * C, T / C]`, batch-sharded over the batch and context axes, keeps each
+  device's tokens on that device; the per-token losses are unfolded after.
+  """
+  plan = context_parallel.current_plan()
+  if plan is None or plan.context is None or hs.shape[1] % plan.context_size:
+    return _token_losses(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets)
+  b, t, c = hs.shape[0], hs.shape[1], plan.context_size
+  axes = tuple(a for group in (plan.batch, plan.context) if group is not None
+               for a in ((group,) if isinstance(group, str) else group))
+
+  def fold(x):
+    if x is None:
+      return None
+    x = x.reshape(b * c, t // c, *x.shape[2:])
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *(None,) * (x.ndim - 1)))
+  out = _token_losses(terms, inv_t, seq_chunk, vocab_chunk, fold(hs), ws, fold(ht), wt, fold(targets))
+  return {k: v.reshape(b, t) for k, v in out.items()}
+
+
 def _token_losses_fwd(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets):
   losses, lse = _forward(terms, inv_t, seq_chunk, vocab_chunk, hs, ws, ht, wt, targets)
   return losses, (hs, ws, ht, wt, targets, lse)
@@ -259,7 +286,7 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: 
   position), mask `[B, T]` float or bool.
   """
   _check(hidden, head, "Model", seq_chunk, vocab_chunk)
-  nll = _token_losses(("ce",), 1.0, seq_chunk, vocab_chunk, hidden, head, None, None, targets)["ce"]
+  nll = _per_token(("ce",), 1.0, seq_chunk, vocab_chunk, hidden, head, None, None, targets)["ce"]
   return _masked_sum(nll, mask)
 
 
@@ -280,7 +307,7 @@ def kd_loss(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: 
   _check_teacher(student_hidden, student_head, teacher_hidden, teacher_head, seq_chunk, vocab_chunk)
   scale = t2_scale(temperature, scale_by_t2)
   teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
-  kl = _token_losses(("kd",), 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
+  kl = _per_token(("kd",), 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
                      student_head, teacher_hidden, teacher_head, None)["kd"]
   loss, count = _masked_sum(kl, mask)
   return loss * scale, count
@@ -302,7 +329,7 @@ def kd_with_ce(student_hidden: jax.Array, student_head: jax.Array, teacher_hidde
   scale = t2_scale(temperature, scale_by_t2)
   terms = tuple(t for t, w in (("ce", 1.0 - alpha), ("kd", alpha)) if w != 0)
   teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
-  per_token = _token_losses(terms, 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
+  per_token = _per_token(terms, 1.0 / float(temperature), seq_chunk, vocab_chunk, student_hidden,
                             student_head, teacher_hidden, teacher_head, targets)
   parts = {name: _masked_sum(per_token[t], mask)[0] for name, t in (("kl", "kd"), ("ce", "ce")) if t in terms}
   if "kl" in parts:
