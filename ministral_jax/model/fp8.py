@@ -22,7 +22,7 @@ What stays in the compute dtype (`cfg.dtype`, bf16 in training), and why.
 DeepSeek-V3's fp8 recipe draws the same line, and Transformer Engine makes
 fp8 attention opt-in.
   - Attention scores and values (q k^T, softmax(.) v). They have no weights,
-    and on GPU with bf16 inputs they run in cuDNN flash attention, which qwix
+    and on TPU/GPU they run in Pallas or cuDNN flash kernels, which qwix
     cannot see. Quantising them in the XLA path would make CPU/TPU numerics
     differ from the GPU's. qwix intercepts every einsum under a matching
     module path, so `WeightMatmulQtProvider` leaves a dot unquantised unless
@@ -82,9 +82,9 @@ class WeightMatmulQtProvider(qwix.QtProvider):
   """A `QtProvider` that quantises only the dots that read a parameter.
 
   A plain `QtRule` matches module paths and op names, and the attention
-  module's six einsums are all "einsum" under "layers/attention": the four
-  projections and the two inside `jax.nn.dot_product_attention`. Reading a
-  parameter is what tells them apart.
+  module's einsums are all "einsum" under "layers/attention": the four
+  projections and those of the attention kernel (q k^T and p v per tile).
+  Reading a parameter is what tells them apart.
   """
 
   def einsum(self, einsum_str: str, *operands: jax.Array, **kwargs: Any) -> jax.Array:
