@@ -21,6 +21,8 @@ setup(
         "sentencepiece",
         "safetensors",
         "mistral-common>=1.8",
+        "pillow",  # images: decoding and the HF-equivalent preprocessing (data/images.py)
+        "opencv-python-headless",  # mistral-common's image encoder (Pixtral preprocessing)
         "absl-py",
         "tensorboardX",
         "matplotlib",  # the cascade report's plot

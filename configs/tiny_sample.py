@@ -20,6 +20,9 @@ read in place; its architecture is its own, config.model's execution fields
 such as param_dtype and dtype apply):
   --config.init_from=/path/to/checkpoint --config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16
   --config.tokenizer=/path/to/checkpoint/tekken.json --workdir=...
+
+With images (a multimodal checkpoint, or the tiny random one of `:tiny_vision`):
+  --config.images=photo.png   (one per prompt, comma-separated, or one for every prompt)
 """
 
 import ml_collections
@@ -39,6 +42,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = sharding.mesh_config(data=-1)
   c.prompts = "The capital of France is\ndef fibonacci(n):"  # one prompt per line
   c.prompt_file = ""  # or a text file, one prompt per line (then set prompts='')
+  # Multimodal models (e.g. the tiny_vision preset): comma-separated image files, one per prompt or one for
+  # all; each is preprocessed for the ViT and its [IMG] layout goes right after the prompt's BOS.
+  c.images = ""
   c.max_new_tokens = 16
   c.temperature = 0.0
   return c

@@ -107,6 +107,11 @@ def test_each_block_reader_reads_exactly_the_block_of_the_converted_tensor(fmt):
   """Every split of every dimension (head_dim too, which only the covering block can serve)."""
   maps = (safetensors_io.decoder_maps(CFG, hf.hf_names()) if fmt == "hf" else safetensors_io.decoder_maps(
       CFG, native.native_names(), native.interleaved_to_half, native.half_to_interleaved))
+  assert_block_readers_exact(maps)
+
+
+def assert_block_readers_exact(maps):
+  """Each map's block reader gives `to_ours(tensor)[index]` for every 1/2/4-way split of every dimension."""
   rng = np.random.default_rng(0)
   for m in maps:
     theirs = rng.standard_normal(m.shape).astype(np.float32)

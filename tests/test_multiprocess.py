@@ -231,6 +231,22 @@ def test_sft_with_distillation_and_eval_generate_on_two_processes_match_one_proc
                                                                                             "mean_length", "looping")}
 
 
+def test_sft_with_images_on_two_processes_matches_one_process(tmp_path):
+  """The image path: patch buffers split over the processes' rows, the ViT and the held-out answers."""
+  args = ["--config=configs/vision_tiny.py:quick", "--config.train.steps=4", "--config.train.log_every=2",
+          "--config.train.eval_every=4", "--config.train.checkpoint_every=4", "--config.train.eval_batches=1",
+          "--config.shapes.train=64", "--config.shapes.heldout=16", "--config.eval.answers.n=16"]
+  _single([*args, f"--workdir={tmp_path / 'one'}"])
+  _pod([*args, f"--workdir={tmp_path / 'two'}"], tmp_path)
+  _assert_histories_close(_history(tmp_path / "two"), _history(tmp_path / "one"), rtol=1e-5)
+  for a, b in zip(_params(tmp_path / "two" / "params"), _params(tmp_path / "one" / "params")):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  def accuracy(run):
+    rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+    return [r["eval_answer_accuracy"] for r in rows if "eval_answer_accuracy" in r]
+  assert accuracy("two") == accuracy("one") and len(accuracy("one")) == 1
+
+
 @pytest.mark.xdist_group("pod_sft")  # one worker builds the shared SFT run
 def test_grpo_on_two_processes_matches_one_process(sft_inputs, tmp_path):
   """Rollouts split over the processes' devices, rewards scored by each process for its own rows,

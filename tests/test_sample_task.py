@@ -5,13 +5,15 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 from absl import flags
 from ml_collections import config_flags
 
 from ministral_jax import configs
-from ministral_jax.checkpoint import hf, native, orbax_io
-from ministral_jax.data import tokenizers
+from ministral_jax.checkpoint import convert, hf, native, orbax_io
+from ministral_jax.data import images, tokenizers
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig
@@ -154,3 +156,32 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path, overrides, 
   with pytest.raises(UserError, match=message):
     task.run(_config(**overrides), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_an_image_goes_after_bos_as_its_img_layout_and_is_sampled_as_the_sampler_samples_it(tmp_path):
+  path = tmp_path / "noise.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)).save(path)
+  result = task.run(_vision_config(path, prompts="A picture of"), str(tmp_path / "run"))
+  processed = images.preprocess_mistral(images.load_image(path), 64, 4, 2)  # tiny_vision: 64 px, patch 4
+  assert processed.grid == (5, 8)  # 40 x 60 px -> 40 x 64 (multiples of 8): 5 rows of 8 [IMG] + a separator
+  tekken = tokenizers.load_tokenizer("tekken")
+  prompt = tekken.encode("A picture of", bos=True)
+  params, model_cfg = convert.load_any(str(tmp_path / "run" / "params"))
+  expected = sampler.generate(params, model_cfg, [prompt[:1] + images.image_tokens(5, 8) + prompt[1:]], 4,
+                              eos_id=tekken.eos_id, images=[[processed.pixels]])[0]
+  assert result["samples"][0]["tokens"] == expected
+
+
+def test_images_with_a_tokenizer_that_numbers_image_tokens_otherwise_are_refused_before_any_write(tmp_path):
+  path = tmp_path / "noise.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+  with pytest.raises(UserError, match=r"set model.image_token_id=10, model.image_break_id=14"):
+    task.run(_vision_config(path, tokenizer="spm_v7", **{"model.vocab_size": 32_768}), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def _vision_config(image, **overrides):
+  """configs/tiny_sample.py:tiny_vision (Tekken ids for the image tokens), one layer, 4 new tokens."""
+  cfg = configs.load(os.path.join(REPO, "configs/tiny_sample.py:tiny_vision"))
+  cfg.update_from_flattened_dict({"model.n_layers": 1, "max_new_tokens": 4, "images": str(image), **overrides})
+  return cfg

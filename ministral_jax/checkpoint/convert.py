@@ -7,6 +7,12 @@ Every path goes through our param tree, so any source converts to any target
 conversions need no orbax install. The destination is written atomically
 and never overwritten without `--overwrite`.
 
+A multimodal source (HF Mistral3ForConditionalGeneration, a native
+params.json with a `vision_encoder` block, or our orbax checkpoint of a
+vision model) converts with its vision encoder and projector; `--text_only`
+keeps only its text decoder (exactly what a text-only export of that decoder
+holds).
+
 Weights holding NaN or Inf (a damaged file, a diverged run) stop the
 conversion with the tensor named and nothing written, unless
 `--allow_non_finite`: a converted checkpoint should never be the place where
@@ -45,14 +51,23 @@ FORMATS = ("hf", "native", "orbax")
 Params = dict[str, Any]
 
 
-def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool,
-                partitioner: Any = None) -> tuple[Params, ModelConfig]:
+def _load_orbax(path: str, dtype: str | None, allow_non_finite: bool, partitioner: Any = None,
+                text_only: bool = False) -> tuple[Params, ModelConfig]:
   from ministral_jax.checkpoint import orbax_io  # lazy: orbax is heavy and optional here
-  params, cfg = orbax_io.load_params(path, partitioner, allow_non_finite=allow_non_finite)
+  params, cfg = _text_only(*orbax_io.load_params(path, partitioner, allow_non_finite=allow_non_finite),
+                           text_only)
   if dtype is None:
     return params, cfg
   params = _cast(params, dtype)
   return params, cfg.replace(param_dtype=dtype)
+
+
+def _text_only(params: Params, cfg: ModelConfig, text_only: bool) -> tuple[Params, ModelConfig]:
+  """An orbax checkpoint's params and config without the vision tower when `text_only` (which the
+  safetensors loaders do while reading; orbax restores the whole tree, verified, first)."""
+  if not text_only:
+    return params, cfg
+  return safetensors_io.text_only_params(params), safetensors_io.text_only_config(cfg)
 
 
 def _cast(params: Params, dtype: str) -> Params:
@@ -81,12 +96,12 @@ def _shardings(partitioner: Any) -> Any:
   return partitioner.param_shardings if partitioner is not None else None
 
 
-# (path, dtype, allow_non_finite, partitioner or None) -> (params, config)
-LOADERS: dict[str, Callable[[str, str | None, bool, Any], tuple[Params, ModelConfig]]] = {
-    "hf": lambda path, dtype, nf, part: hf.load_hf(path, dtype=dtype, allow_non_finite=nf,
-                                                   shardings=_shardings(part)),
-    "native": lambda path, dtype, nf, part: native.load_native(path, dtype=dtype, allow_non_finite=nf,
-                                                               shardings=_shardings(part)),
+# (path, dtype, allow_non_finite, partitioner or None, text_only) -> (params, config)
+LOADERS: dict[str, Callable[[str, str | None, bool, Any, bool], tuple[Params, ModelConfig]]] = {
+    "hf": lambda path, dtype, nf, part, text_only=False: hf.load_hf(
+        path, dtype=dtype, allow_non_finite=nf, shardings=_shardings(part), text_only=text_only),
+    "native": lambda path, dtype, nf, part, text_only=False: native.load_native(
+        path, dtype=dtype, allow_non_finite=nf, shardings=_shardings(part), text_only=text_only),
     "orbax": _load_orbax,
 }
 # (params, config, path, overwrite, max_shard_bytes, allow_non_finite)
@@ -115,35 +130,44 @@ def detect_format(path: str) -> str:
   raise UserError(f"{path} is not a checkpoint directory: none of {sorted(markers.values())} is in it.")
 
 
-def load_config_any(path: str) -> ModelConfig:
-  """The model config of an orbax, HF or Mistral-native checkpoint, without reading weights."""
+def load_config_any(path: str, text_only: bool = False) -> ModelConfig:
+  """The model config of an orbax, HF or Mistral-native checkpoint, without reading weights (with
+  `text_only`, its text decoder's alone)."""
   fmt = detect_format(path)
   if fmt == "orbax":
     from ministral_jax.checkpoint import orbax_io
-    return orbax_io.load_config(path)
+    saved = orbax_io.load_config(path)
+    return safetensors_io.text_only_config(saved) if text_only else saved
   if fmt == "hf":
     file = Path(path) / hf.CONFIG_FILE
-    return hf.config_from_hf(safetensors_io.read_json(file, "config.json"), str(file))
+    return hf.config_from_hf(safetensors_io.read_json(file, "config.json"), str(file), text_only)
   file = Path(path) / native.PARAMS_FILE
-  return native.config_from_params_json(safetensors_io.read_json(file, "params.json"), str(file))
+  return native.config_from_params_json(safetensors_io.read_json(file, "params.json"), str(file), text_only)
 
 
-def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
+def load_any(path: str, partitioner: Any = None, cfg: ModelConfig | None = None,
+             text_only: bool | None = None) -> tuple[Params, ModelConfig]:
   """Loads an orbax, HF or Mistral-native checkpoint, sharded by `partitioner` if given.
 
   `cfg`, if given, must agree with the checkpoint's architecture; its execution
-  fields (dtype, remat, ...) are kept.
+  fields (dtype, remat, ...) are kept. `text_only`: load only the text decoder
+  of a multimodal checkpoint (no effect on a text-only one); None (default):
+  exactly when `cfg` is given and has no vision tower, so a text model's job
+  loads the decoder of a multimodal release as it always did.
   """
+  if text_only is None:
+    text_only = cfg is not None and not cfg.vision_layers
   fmt = detect_format(path)
   if fmt == "orbax":
     from ministral_jax.checkpoint import orbax_io
     saved = orbax_io.load_config(path)
     if cfg is not None:
-      safetensors_io.check_same_architecture(cfg, saved, f"orbax checkpoint {path}")
+      safetensors_io.check_same_architecture(
+          cfg, safetensors_io.text_only_config(saved) if text_only else saved, f"orbax checkpoint {path}")
     exec_fields = {k: v for k, v in (cfg or saved).to_dict().items() if k not in ARCH_FIELDS}
-    return orbax_io.load_params(path, partitioner, **exec_fields)
+    return _text_only(*orbax_io.load_params(path, partitioner, **exec_fields), text_only)
   loader = hf.load_hf if fmt == "hf" else native.load_native
-  return loader(path, cfg=cfg, shardings=_shardings(partitioner))
+  return loader(path, cfg=cfg, shardings=_shardings(partitioner), text_only=text_only)
 
 
 # Tokenizer files a Hugging Face or Mistral-native release ships beside its weights, in order of preference.
@@ -168,6 +192,8 @@ def recorded_tokenizer(path: str) -> dict[str, Any] | None:
 
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "tie_embeddings")
+VISION_SHAPE_FIELDS = ("vision_layers", "vision_d_model", "vision_heads", "vision_d_ffn", "vision_patch_size",
+                       "spatial_merge_size", "projector_bias")
 
 
 def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, allow_rope_change: bool = False
@@ -178,11 +204,13 @@ def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, 
   `allow_rope_change`: the checkpoint only has to agree with `cfg` on the
   shapes; RoPE, YaRN, the query temperature and the context length are
   `cfg`'s (training a long-context stage from a short-context model).
+  A text-only `cfg` takes the text decoder of a multimodal checkpoint.
   """
   if init_from and allow_rope_change:
-    saved = load_config_any(init_from)
+    saved = load_config_any(init_from, text_only=not cfg.vision_layers)
+    fields = SHAPE_FIELDS + (VISION_SHAPE_FIELDS if cfg.vision_layers or saved.vision_layers else ())
     diff = [f"{k}: {getattr(saved, k)!r} in {init_from}, {getattr(cfg, k)!r} in the config"
-            for k in SHAPE_FIELDS if getattr(saved, k) != getattr(cfg, k)]
+            for k in fields if getattr(saved, k) != getattr(cfg, k)]
     if diff:
       raise UserError("init_from has other shapes than the model config:\n  " + "\n  ".join(diff))
     exec_fields = {k: v for k, v in cfg.to_dict().items() if k not in ARCH_FIELDS}
@@ -196,10 +224,11 @@ def load_or_init(init_from: str, cfg: ModelConfig, partitioner: Any, seed: int, 
 
 def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | None = None,
             overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
-            allow_non_finite: bool = False, partitioner: Any = None) -> ModelConfig:
+            allow_non_finite: bool = False, partitioner: Any = None, text_only: bool = False) -> ModelConfig:
   """Loads `src` in `src_format` and writes it to `dst` in `dst_format`; returns the config.
 
   Weights holding NaN or Inf are an error (nothing is written) unless `allow_non_finite`.
+  `text_only`: keep only the text decoder of a multimodal source.
   `partitioner`: load onto its mesh (each process reading only its shards) instead of the host; needed
   on a multi-process job, where every process calls this with the same arguments.
   """
@@ -207,7 +236,7 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | N
     if fmt not in FORMATS:
       raise UserError(f"Unknown {name} format {fmt!r}; choose from {FORMATS}.")
   tokenizer = recorded_tokenizer(src)
-  params, cfg = LOADERS[src_format](src, dtype, allow_non_finite, partitioner)
+  params, cfg = LOADERS[src_format](src, dtype, allow_non_finite, partitioner, text_only)
   if dst_format == "orbax":  # the orbax checkpoint records the tokenizer its source shipped with
     _save_orbax(params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite,
                 extra_metadata={"tokenizer": tokenizer} if tokenizer else None)
@@ -252,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="largest safetensors shard written (hf/native targets)")
   parser.add_argument("--allow_non_finite", action="store_true",
                       help="convert weights holding NaN or Inf (default: an error naming the tensor)")
+  parser.add_argument("--text_only", action="store_true",
+                      help="keep only the text decoder of a multimodal source (drop the vision encoder and "
+                           "projector)")
   parser.add_argument("--mesh", default=None,
                       help="mesh to load onto, e.g. fsdp=-1 or data=1,fsdp=-1,tensor=1 (default: fsdp over "
                            "all devices on a multi-process job, host memory on one process)")
@@ -261,12 +293,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not jax.distributed.is_initialized():  # a program calling main() may have joined already
       sharding.initialize_distributed()  # before anything touches a device
     cfg = convert(args.src_format, args.dst_format, args.src, args.dst, args.dtype, args.overwrite,
-                  int(args.max_shard_gb * 1e9), args.allow_non_finite, _partitioner(args.mesh))
+                  int(args.max_shard_gb * 1e9), args.allow_non_finite, _partitioner(args.mesh), args.text_only)
   except (UserError, FileExistsError, FileNotFoundError) as e:  # bad input: a message, not a traceback
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(EXIT_USER_ERROR) from None
   if jax.process_index() == 0:
-    print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
+    vision = f", vision encoder {cfg.vision_layers} layers" if cfg.vision_layers else ""
+    print(f"Wrote {args.dst_format} checkpoint {args.dst} ({cfg.n_layers} layers, d_model {cfg.d_model}{vision}, "
           f"{cfg.param_dtype}) in {time.time() - start:.1f}s")
 
 

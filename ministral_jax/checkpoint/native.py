@@ -11,6 +11,13 @@ layout under other names; the streaming and checks are shared
 YaRN's attention factor follows transformers' converter (mscale =
 mscale_all_dim = 1, i.e. factor 1.0) unless `yarn.apply_scale` is
 explicitly true, which gives the YaRN paper's 1 + 0.1 ln(factor).
+
+Multimodal checkpoints (a `vision_encoder` block in params.json) hold the
+Pixtral ViT under `vision_encoder.*` (its wq/wk interleaved the same way,
+per vision head), the projector as `pre_mm_projector_norm`,
+`patch_merger.merging_layer` and `vision_language_adapter.w_in/w_out`
+(biases iff `adapter_bias`). They import with the vision tower, or with
+`text_only=True` as the text model alone (the block then unread).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ PARAMS_FILE = "params.json"
 INDEX_FILE = "consolidated.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 NO_YARN_MAX_SEQ_LEN = 131_072  # Mistral Small 3.1's context, when params.json gives none
-_IGNORED_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
+_VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
+_TEXT_ONLY_HINT = ("This is a multimodal checkpoint: pass text_only=True (convert: --text_only) to load its "
+                   "text decoder alone.")
 # The JSON type of every params.json key we read (null where we fall back to a default).
 _TYPES = dict(dim=int, n_layers=int, hidden_dim=int, n_heads=int, vocab_size=int, n_kv_heads=int, head_dim=int,
               norm_eps=float, rope_theta=float, tied_embeddings=bool, max_position_embeddings=int,
@@ -39,6 +48,16 @@ _NULLABLE = ("n_kv_heads", "head_dim", "rope_theta", "max_position_embeddings", 
              "llama_4_scaling")
 _YARN_TYPES = dict(factor=float, original_max_position_embeddings=int, beta=float, alpha=float, apply_scale=bool)
 _L4_TYPES = dict(beta=float, original_max_position_embeddings=int)
+# The vision_encoder block (mistral-inference / vLLM `VisionEncoderArgs`).
+_VISION_TYPES = dict(hidden_size=int, num_channels=int, image_size=int, max_image_size=int, patch_size=int,
+                     intermediate_size=int, num_hidden_layers=int, num_attention_heads=int, head_dim=int,
+                     rope_theta=float, image_token_id=int, image_break_token_id=int, image_end_token_id=int,
+                     spatial_merge_size=int, adapter_bias=bool, add_pre_mm_projector_layer_norm=bool,
+                     mm_projector_id=str, hidden_act=str)
+# Required by mistral-inference, plus spatial_merge_size (its default of 1 means no 2x2 merge; transformers'
+# converter requires it too).
+_VISION_REQUIRED = ("hidden_size", "num_channels", "image_size", "patch_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "rope_theta", "image_token_id", "spatial_merge_size")
 
 
 # --------------------------------------------------------------------------
@@ -68,15 +87,33 @@ def native_names() -> dict[str, str]:
       w3=layer + "feed_forward.w3.weight")
 
 
+def native_vision_names() -> dict[str, str]:
+  """Our vision leaf names (`safetensors_io.vision_maps`) -> consolidated tensor names (`{i}` = ViT layer)."""
+  layer = "vision_encoder.transformer.layers.{i}."
+  return dict(
+      patch_conv="vision_encoder.patch_conv.weight", ln_pre="vision_encoder.ln_pre.weight",
+      attention_norm=layer + "attention_norm.weight", ffn_norm=layer + "ffn_norm.weight",
+      wq=layer + "attention.wq.weight", wk=layer + "attention.wk.weight",
+      wv=layer + "attention.wv.weight", wo=layer + "attention.wo.weight",
+      w1=layer + "feed_forward.w1.weight", w2=layer + "feed_forward.w2.weight",
+      w3=layer + "feed_forward.w3.weight",
+      projector_norm="pre_mm_projector_norm.weight", merging_layer="patch_merger.merging_layer.weight",
+      w_in="vision_language_adapter.w_in.weight", b_in="vision_language_adapter.w_in.bias",
+      w_out="vision_language_adapter.w_out.weight", b_out="vision_language_adapter.w_out.bias")
+
+
 def _maps(cfg: ModelConfig) -> list[io.TensorMap]:
-  return io.decoder_maps(cfg, native_names(), interleaved_to_half, half_to_interleaved)
+  return (io.decoder_maps(cfg, native_names(), interleaved_to_half, half_to_interleaved)
+          + io.vision_maps(cfg, native_vision_names(), interleaved_to_half, half_to_interleaved))
 
 
 # --------------------------------------------------------------------------
 # Config.
 # --------------------------------------------------------------------------
-def config_from_params_json(d: Mapping[str, Any], source: str = PARAMS_FILE) -> ModelConfig:
-  """params.json -> ModelConfig (text decoder; `vision_encoder` is ignored).
+def config_from_params_json(d: Mapping[str, Any], source: str = PARAMS_FILE, text_only: bool = False
+                            ) -> ModelConfig:
+  """params.json -> ModelConfig: the text decoder, and the vision tower when a `vision_encoder` block is
+  present (unless `text_only`: the block is then not read).
 
   `source` names the file in errors about a value's type or a missing key.
   """
@@ -110,7 +147,41 @@ def config_from_params_json(d: Mapping[str, Any], source: str = PARAMS_FILE) -> 
   default_len = (int(yarn["factor"] * yarn["original_max_position_embeddings"]) if yarn
                  else NO_YARN_MAX_SEQ_LEN)
   fields["max_seq_len"] = int(d.get("max_position_embeddings") or d.get("max_seq_len") or default_len)
+  if d.get("vision_encoder") is not None and not text_only:
+    fields.update(_vision_from_params_json(d["vision_encoder"], source))
   return ModelConfig.from_dict(fields)
+
+
+def _vision_from_params_json(v: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The vision fields from params.json's `vision_encoder` block, checked to be what our ViT computes:
+  a pre-projector RMSNorm and the patch merger (Mistral Small 3.1 / Ministral 3, not Pixtral-12B)."""
+  where = f"{source}: vision_encoder."
+  if not isinstance(v, Mapping):
+    raise UserError(f"{source}: vision_encoder is a {type(v).__name__}; an object is expected.")
+  io.check_json_types(v, _VISION_TYPES, where)
+  missing = [k for k in _VISION_REQUIRED if k not in v]
+  if missing:
+    raise UserError(f"{source}: vision_encoder lacks required field(s) {missing}. {_TEXT_ONLY_HINT}")
+  if v.get("hidden_act", "silu") != "silu":
+    raise UserError(f"{where}hidden_act={v['hidden_act']!r}: only SiLU ViTs are supported. {_TEXT_ONLY_HINT}")
+  if v["num_channels"] != 3:
+    raise UserError(f"{where}num_channels={v['num_channels']}: the vision encoder reads RGB images (3).")
+  if v.get("add_pre_mm_projector_layer_norm", False) is not True:
+    raise UserError(f"{where}add_pre_mm_projector_layer_norm is {v.get('add_pre_mm_projector_layer_norm', 'absent')}"
+                     ": only encoders with the pre-projector RMSNorm and the patch merger (Ministral 3, Mistral "
+                     f"Small 3.1; not Pixtral-12B) are supported. {_TEXT_ONLY_HINT}")
+  if v.get("mm_projector_id", "patch_merge") != "patch_merge":
+    raise UserError(f"{where}mm_projector_id={v['mm_projector_id']!r}: only 'patch_merge' is supported. "
+                     f"{_TEXT_ONLY_HINT}")
+  hidden, heads = v["hidden_size"], v["num_attention_heads"]
+  io.check_vit_heads(hidden, heads, v.get("head_dim"), where)
+  return dict(
+      vision_layers=v["num_hidden_layers"], vision_d_model=hidden, vision_heads=heads,
+      vision_d_ffn=v["intermediate_size"], vision_patch_size=v["patch_size"], vision_image_size=v["image_size"],
+      vision_rope_theta=float(v["rope_theta"]), spatial_merge_size=v["spatial_merge_size"],
+      # mistral-inference's default (transformers' converter assumes False): Mistral's releases write it.
+      projector_bias=bool(v.get("adapter_bias", True)), image_token_id=v["image_token_id"],
+      image_break_id=v.get("image_break_token_id", 12), image_end_id=v.get("image_end_token_id", 13))
 
 
 def _check_types(d: Mapping[str, Any], source: str) -> None:
@@ -141,6 +212,15 @@ def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
   if cfg.query_temperature_beta:
     out["llama_4_scaling"] = dict(original_max_position_embeddings=cfg.query_temperature_len,
                                   beta=cfg.query_temperature_beta)
+  if cfg.vision_layers:
+    out["vision_encoder"] = dict(
+        hidden_size=cfg.vision_d_model, num_channels=3, image_size=cfg.vision_image_size,
+        max_image_size=cfg.vision_image_size, patch_size=cfg.vision_patch_size,
+        intermediate_size=cfg.vision_d_ffn, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, rope_theta=cfg.vision_rope_theta,
+        image_token_id=cfg.image_token_id, image_break_token_id=cfg.image_break_id,
+        image_end_token_id=cfg.image_end_id, spatial_merge_size=cfg.spatial_merge_size,
+        adapter_bias=cfg.projector_bias, add_pre_mm_projector_layer_norm=True, mm_projector_id="patch_merge")
   return out
 
 
@@ -148,15 +228,19 @@ def config_to_params_json(cfg: ModelConfig) -> dict[str, Any]:
 # Load / save.
 # --------------------------------------------------------------------------
 def load_native(path: str | Path, cfg: ModelConfig | None = None, dtype: Any = None,
-                shardings: Any = None, allow_non_finite: bool = False) -> tuple[dict[str, Any], ModelConfig]:
+                shardings: Any = None, allow_non_finite: bool = False, text_only: bool = False
+                ) -> tuple[dict[str, Any], ModelConfig]:
   """Imports a native checkpoint directory; arguments as `hf.load_hf` (with `shardings`, each process reads
   only its slices: the q/k row interleave is undone per head, on blocks of whole heads)."""
   path = Path(path)
-  found = config_from_params_json(io.read_json(path / PARAMS_FILE, "a native checkpoint needs params.json."),
-                                  str(path / PARAMS_FILE))
+  params_json = io.read_json(path / PARAMS_FILE, "a native checkpoint needs params.json.")
+  found = config_from_params_json(params_json, str(path / PARAMS_FILE), text_only)
   files = io.find_shards(path, INDEX_FILE, "consolidated.safetensors", "consolidated*.safetensors")
-  return io.load_checkpoint(io.read_headers(files), found, f"native checkpoint {path}", _maps,
-                            lambda n: n.startswith(_IGNORED_PREFIXES), cfg, dtype, shardings, allow_non_finite)
+  ignore = (lambda n: False) if found.vision_layers else (lambda n: n.startswith(_VISION_PREFIXES))
+  multimodal = isinstance(params_json, dict) and params_json.get("vision_encoder") is not None
+  return io.load_checkpoint(io.read_headers(files), found, f"native checkpoint {path}", _maps, ignore, cfg,
+                            dtype, shardings, allow_non_finite,
+                            hint=_TEXT_ONLY_HINT if multimodal and not text_only else "")
 
 
 def _shard_name(k: int, n: int) -> str:

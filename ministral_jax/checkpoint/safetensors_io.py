@@ -23,9 +23,11 @@ within each head. Everything else lives here once:
   gathered a layer at a time (every process takes part) and written by
   process 0 alone.
 
-A format is described by a list of `TensorMap`s (`decoder_maps`): one per
-param leaf, naming the checkpoint tensor(s) and the conversions, including
-how a block of our leaf maps back to rows and columns of the tensor.
+A format is described by a list of `TensorMap`s (`decoder_maps`, plus
+`vision_maps` for a multimodal model): one per param leaf, naming the
+checkpoint tensor(s) and the conversions, including how a block of our leaf
+maps back to rows and columns of the tensor. A stacked map knows its own
+layer count (the decoder's and the vision encoder's differ).
 
 On a multi-process job the processes agree on every error (`agree`): one
 that fails while the others carry on would leave them waiting forever in
@@ -58,7 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ministral_jax import multihost
 from ministral_jax.errors import UserError
 from ministral_jax.model import transformer
-from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, check_type
+from ministral_jax.model.config import ARCH_FIELDS, VISION_FIELDS, ModelConfig, check_type
 
 Array = np.ndarray
 LeafPath = tuple[str, ...]
@@ -78,6 +80,7 @@ _LISTED = 20  # names shown in one error message before "... and N more"
 _FINITE_CHUNK = 1 << 24  # elements per isfinite call: bounds its temporary bool array
 _NON_FINITE_FIX = ("use an intact checkpoint, or pass allow_non_finite=True (convert: --allow_non_finite) "
                    "to keep them")
+VISION_PARAMS = ("vision_encoder", "projector")  # top-level param keys of the vision tower (vision_layers > 0)
 _bytes_read = 0  # tensor bytes this process has read from safetensors files (`bytes_read`)
 
 
@@ -93,8 +96,9 @@ class TensorInfo:
 class TensorMap:
   """A param leaf <-> its checkpoint tensor(s).
 
-  `name` holds `{i}` for leaves stacked over layers (one tensor per layer);
-  `shape` is the checkpoint shape of one tensor; `to_ours` / `to_theirs`
+  `name` holds `{i}` for leaves stacked over `layers` layers (one tensor per
+  layer; `layers` is 0 for a leaf that is not stacked); `shape` is the
+  checkpoint shape of one tensor; `to_ours` / `to_theirs`
   convert one tensor (one layer) between the two layouts. `read_ours` gives
   a block of `to_ours(tensor)` while reading only the part of the tensor it
   comes from, so a sharded load reads each device's shard, not the tensor;
@@ -106,13 +110,18 @@ class TensorMap:
   to_ours: Callable[[Array], Array]
   to_theirs: Callable[[Array], Array]
   read_ours: BlockReader | None = None
+  layers: int = 0
+
+  def __post_init__(self):
+    if self.stacked != (self.layers > 0):  # a bug in a map builder, not in a checkpoint
+      raise AssertionError(f"TensorMap {self.name}: a stacked name needs a layer count and only it has one.")
 
   @property
   def stacked(self) -> bool:
     return "{i}" in self.name
 
-  def names(self, n_layers: int) -> list[str]:
-    return [self.name.format(i=i) for i in range(n_layers)] if self.stacked else [self.name]
+  def names(self) -> list[str]:
+    return [self.name.format(i=i) for i in range(self.layers)] if self.stacked else [self.name]
 
   def block(self, read: Read, index: Index) -> Array:
     """`to_ours(tensor)[index]`, from as little of the tensor as `read_ours` knows how to read."""
@@ -130,47 +139,84 @@ RowOrder = Callable[[Array, int], Array]  # (matrix [heads*head_dim, in], heads)
 def decoder_maps(cfg: ModelConfig, names: Mapping[str, str],
                  qk_to_half: RowOrder | None = None, qk_from_half: RowOrder | None = None
                  ) -> list[TensorMap]:
-  """TensorMaps for every param leaf of `cfg`.
+  """TensorMaps for every param leaf of `cfg`'s text decoder.
 
   `names` maps our leaf names (tok_embeddings, norm, output, attention_norm,
   ffn_norm, wq, wk, wv, wo, w1, w2, w3) to checkpoint names. `qk_to_half`
   reorders checkpoint wq/wk rows into rotate-half order (None: already are);
   `qk_from_half` is its inverse.
   """
-  d, hd, f, v = cfg.d_model, cfg.head_dim, cfg.d_ffn, cfg.vocab_size
-  same = (lambda x: x, lambda x: x, _same_block)
-  t = (lambda x: x.T, lambda x: x.T, _transposed_block)
+  d, v = cfg.d_model, cfg.vocab_size
+  maps = [TensorMap(("tok_embeddings",), names["tok_embeddings"], (v, d), *_SAME)]
+  maps += _block_maps(("layers",), names, cfg.n_layers, d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ffn,
+                      qk_to_half, qk_from_half)
+  maps.append(TensorMap(("norm", "scale"), names["norm"], (d,), *_SAME))
+  if not cfg.tie_embeddings:
+    maps.append(TensorMap(("output",), names["output"], (v, d), *_TRANSPOSED))
+  return maps
 
-  def heads_in(heads: int, rows: RowOrder | None, back: RowOrder | None) -> tuple[Callable, ...]:
-    """[heads*hd, d] (torch Linear) <-> [d, heads, hd]."""
+
+def vision_maps(cfg: ModelConfig, names: Mapping[str, str],
+                qk_to_half: RowOrder | None = None, qk_from_half: RowOrder | None = None) -> list[TensorMap]:
+  """TensorMaps of the vision encoder and the projector (none for a text-only `cfg`).
+
+  `names` maps patch_conv, ln_pre, the block names of `decoder_maps`
+  (attention_norm ... w3, for the ViT's layers), projector_norm,
+  merging_layer, w_in, w_out, b_in, b_out to checkpoint names. The ViT is
+  multi-head (as many kv heads as heads); its q/k rows take the same
+  reordering as the decoder's, per vision head.
+  """
+  if not cfg.vision_layers:
+    return []
+  dv, d, p = cfg.vision_d_model, cfg.d_model, cfg.vision_patch_size
+  merged = dv * cfg.spatial_merge_size ** 2
+  # Conv2d OIHW [dv, 3, p, p] <-> ours HWIO [p, p, 3, dv].
+  conv = (lambda x: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1), _conv_block)
+  maps = [TensorMap(("vision_encoder", "patch_conv"), names["patch_conv"], (dv, 3, p, p), *conv),
+          TensorMap(("vision_encoder", "ln_pre", "scale"), names["ln_pre"], (dv,), *_SAME)]
+  maps += _block_maps(("vision_encoder", "layers"), names, cfg.vision_layers, dv, cfg.vision_heads,
+                      cfg.vision_heads, dv // cfg.vision_heads, cfg.vision_d_ffn, qk_to_half, qk_from_half)
+  maps += [TensorMap(("projector", "norm", "scale"), names["projector_norm"], (dv,), *_SAME),
+           TensorMap(("projector", "merging_layer"), names["merging_layer"], (dv, merged), *_TRANSPOSED),
+           TensorMap(("projector", "w_in"), names["w_in"], (d, dv), *_TRANSPOSED)]
+  if cfg.projector_bias:
+    maps.append(TensorMap(("projector", "b_in"), names["b_in"], (d,), *_SAME))
+  maps.append(TensorMap(("projector", "w_out"), names["w_out"], (d, d), *_TRANSPOSED))
+  if cfg.projector_bias:
+    maps.append(TensorMap(("projector", "b_out"), names["b_out"], (d,), *_SAME))
+  return maps
+
+
+def _block_maps(stack: LeafPath, names: Mapping[str, str], layers: int, d: int, heads: int, kv_heads: int,
+                hd: int, f: int, qk_to_half: RowOrder | None, qk_from_half: RowOrder | None) -> list[TensorMap]:
+  """The maps of one stack of `layers` pre-norm blocks under `stack` (the decoder's or the ViT's)."""
+
+  def heads_in(n: int, rows: RowOrder | None, back: RowOrder | None) -> tuple[Callable, ...]:
+    """[n*hd, d] (torch Linear) <-> [d, n, hd]."""
     rows = rows or (lambda x, _: x)
     back = back or (lambda x, _: x)
-    return (lambda x: rows(x, heads).T.reshape(d, heads, hd),
-            lambda y: back(y.reshape(d, heads * hd).T, heads),
+    return (lambda x: rows(x, n).T.reshape(d, n, hd),
+            lambda y: back(y.reshape(d, n * hd).T, n),
             functools.partial(_heads_in_block, head_dim=hd, rows=rows))
 
-  q_in = heads_in(cfg.n_heads, qk_to_half, qk_from_half)
-  k_in = heads_in(cfg.n_kv_heads, qk_to_half, qk_from_half)
-  v_in = heads_in(cfg.n_kv_heads, None, None)
-  o_out = (lambda x: x.T.reshape(cfg.n_heads, hd, d), lambda y: y.reshape(cfg.n_heads * hd, d).T,
+  q_in = heads_in(heads, qk_to_half, qk_from_half)
+  k_in = heads_in(kv_heads, qk_to_half, qk_from_half)
+  v_in = heads_in(kv_heads, None, None)
+  o_out = (lambda x: x.T.reshape(heads, hd, d), lambda y: y.reshape(heads * hd, d).T,
            functools.partial(_heads_out_block, head_dim=hd))
-  layer = lambda *p: ("layers",) + p  # noqa: E731
-  maps = [
-      TensorMap(("tok_embeddings",), names["tok_embeddings"], (v, d), *same),
-      TensorMap(layer("attention_norm", "scale"), names["attention_norm"], (d,), *same),
-      TensorMap(layer("attention", "wq"), names["wq"], (cfg.n_heads * hd, d), *q_in),
-      TensorMap(layer("attention", "wk"), names["wk"], (cfg.n_kv_heads * hd, d), *k_in),
-      TensorMap(layer("attention", "wv"), names["wv"], (cfg.n_kv_heads * hd, d), *v_in),
-      TensorMap(layer("attention", "wo"), names["wo"], (d, cfg.n_heads * hd), *o_out),
-      TensorMap(layer("ffn_norm", "scale"), names["ffn_norm"], (d,), *same),
-      TensorMap(layer("feed_forward", "w1"), names["w1"], (f, d), *t),
-      TensorMap(layer("feed_forward", "w2"), names["w2"], (d, f), *t),
-      TensorMap(layer("feed_forward", "w3"), names["w3"], (f, d), *t),
-      TensorMap(("norm", "scale"), names["norm"], (d,), *same),
+  leaf = lambda *p: stack + p  # noqa: E731
+  stacked = lambda path, key, shape, conv: TensorMap(leaf(*path), names[key], shape, *conv, layers=layers)  # noqa: E731
+  return [
+      stacked(("attention_norm", "scale"), "attention_norm", (d,), _SAME),
+      stacked(("attention", "wq"), "wq", (heads * hd, d), q_in),
+      stacked(("attention", "wk"), "wk", (kv_heads * hd, d), k_in),
+      stacked(("attention", "wv"), "wv", (kv_heads * hd, d), v_in),
+      stacked(("attention", "wo"), "wo", (d, heads * hd), o_out),
+      stacked(("ffn_norm", "scale"), "ffn_norm", (d,), _SAME),
+      stacked(("feed_forward", "w1"), "w1", (f, d), _TRANSPOSED),
+      stacked(("feed_forward", "w2"), "w2", (d, f), _TRANSPOSED),
+      stacked(("feed_forward", "w3"), "w3", (f, d), _TRANSPOSED),
   ]
-  if not cfg.tie_embeddings:
-    maps.append(TensorMap(("output",), names["output"], (v, d), *t))
-  return maps
 
 
 # Block readers: our index of one tensor -> the rows / columns of the checkpoint tensor it comes from.
@@ -182,6 +228,17 @@ def _same_block(read: Read, index: Index) -> Array:
 def _transposed_block(read: Read, index: Index) -> Array:
   """Ours [a, b] is theirs [b, a].T: rows of theirs are our columns."""
   return read(index[::-1]).T
+
+
+def _conv_block(read: Read, index: Index) -> Array:
+  """Ours HWIO [h, w, i, o] is theirs OIHW [o, i, h, w].transpose(2, 3, 1, 0)."""
+  h, w, i, o = index
+  return read((o, i, h, w)).transpose(2, 3, 1, 0)
+
+
+# (to_ours, to_theirs, read_ours) of the two layouts that need no reshaping.
+_SAME = (lambda x: x, lambda x: x, _same_block)
+_TRANSPOSED = (lambda x: x.T, lambda x: x.T, _transposed_block)
 
 
 def _head_rows(heads: slice, head_dim: int) -> slice:
@@ -300,17 +357,23 @@ def _listing(items: Sequence[str]) -> str:
 
 
 def check_tensors(infos: Mapping[str, TensorInfo], maps: Sequence[TensorMap], cfg: ModelConfig,
-                  ignore: Callable[[str], bool], source: str) -> None:
-  """Every expected tensor present with the config's shape, no unknown text tensor."""
-  expected = {name: m for m in maps for name in m.names(cfg.n_layers)}
+                  ignore: Callable[[str], bool], source: str, hint: str = "") -> None:
+  """Every expected tensor present with the config's shape, no unknown tensor that `ignore` does not skip.
+
+  `hint` ends the message about missing / unexpected tensors (e.g. how to load a multimodal checkpoint's
+  text decoder alone).
+  """
+  expected = {name: m for m in maps for name in m.names()}
   missing = sorted(set(expected) - set(infos))
   unexpected = sorted(n for n in infos if n not in expected and not ignore(n))
   if missing or unexpected:
     lines = ([f"missing: {_listing(missing)}"] if missing else [])
     lines += ([f"unexpected: {_listing(unexpected)}"] if unexpected else [])
+    vision = (f", {cfg.vision_layers} vision layers, projector_bias={cfg.projector_bias}"
+              if cfg.vision_layers else "")
     raise UserError(f"{source} does not hold the tensors its config implies "
-                     f"({cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings}):\n  "
-                     + "\n  ".join(lines))
+                     f"({cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings}{vision}):\n  "
+                     + "\n  ".join(lines) + (f"\n{hint}" if hint else ""))
   bad = [f"tensor '{n}' has shape {list(infos[n].shape)} but the config implies {list(m.shape)}"
          for n, m in expected.items() if infos[n].shape != m.shape]
   if bad:
@@ -325,8 +388,21 @@ def check_same_architecture(given: ModelConfig, found: ModelConfig, source: str)
   a, b = relevant_arch(given), relevant_arch(found)
   diff = [f"{k}: given {a.get(k)!r}, checkpoint {b.get(k)!r}" for k in ARCH_FIELDS if a.get(k) != b.get(k)]
   if diff:
+    hint = (" (or text_only=True, convert: --text_only, to load only its text decoder)"
+            if found.vision_layers and not given.vision_layers else "")
     raise UserError(f"The config passed in disagrees with {source}:\n  " + "\n  ".join(diff)
-                     + "\nPass cfg=None to use the checkpoint's own config.")
+                     + f"\nPass cfg=None to use the checkpoint's own config{hint}.")
+
+
+def text_only_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` without its vision tower: every vision field back to its default, as a text-only checkpoint's
+  config reads (so a multimodal checkpoint loaded text-only equals its decoder exported alone)."""
+  return ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k not in VISION_FIELDS})
+
+
+def text_only_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The params without the vision encoder and projector (the text decoder's leaves, untouched)."""
+  return {k: v for k, v in params.items() if k not in VISION_PARAMS}
 
 
 def relevant_arch(cfg: ModelConfig) -> dict[str, Any]:
@@ -477,11 +553,13 @@ def _first_line(e: BaseException) -> str:
 
 def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source: str,
                     make_maps: Callable[[ModelConfig], list[TensorMap]], ignore: Callable[[str], bool],
-                    cfg: ModelConfig | None, dtype: Any, shardings: Any, allow_non_finite: bool = False
-                    ) -> tuple[dict[str, Any], ModelConfig]:
+                    cfg: ModelConfig | None, dtype: Any, shardings: Any, allow_non_finite: bool = False,
+                    hint: str = "") -> tuple[dict[str, Any], ModelConfig]:
   """The common import path: headers -> tying -> config check -> name/shape check -> stream.
 
-  `found` is the config read from the checkpoint's own JSON. Embeddings are
+  `found` is the config read from the checkpoint's own JSON (text-only when
+  the caller loads a multimodal checkpoint's decoder alone; `ignore` then
+  skips the vision tensors); `hint` ends a missing-tensor error. Embeddings are
   tied exactly when the checkpoint has no output tensor (3B ships none).
   The params get `dtype`, or the checkpoint's embedding dtype when None; the
   returned config's `param_dtype` says which. `shardings` may be a function
@@ -498,7 +576,7 @@ def load_checkpoint(infos: Mapping[str, TensorInfo], found: ModelConfig, source:
   if cfg is not None:
     check_same_architecture(cfg, found, source)
   maps = make_maps(found)
-  check_tensors(infos, maps, found, ignore, source)
+  check_tensors(infos, maps, found, ignore, source, hint)
   embed_name = next(m.name for m in maps if m.leaf == ("tok_embeddings",))
   np_dtype = to_np_dtype(dtype) if dtype is not None else dtype_of(infos, embed_name)
   if np_dtype.name not in ("float32", "bfloat16", "float16"):
@@ -536,12 +614,31 @@ def check_params(params: Any, cfg: ModelConfig) -> None:
     raise UserError("The params do not match their config:\n  " + "\n  ".join(bad))
 
 
-def _write_order(maps: Sequence[TensorMap], n_layers: int) -> list[tuple[TensorMap, int | None]]:
-  """Embeddings, then every tensor of layer 0, layer 1, ..., then the rest."""
-  head = [(m, None) for m in maps if not m.stacked and m.leaf == ("tok_embeddings",)]
-  tail = [(m, None) for m in maps if not m.stacked and m.leaf != ("tok_embeddings",)]
-  body = [(m, i) for i in range(n_layers) for m in maps if m.stacked]
-  return head + body + tail
+def _write_order(maps: Sequence[TensorMap]) -> list[tuple[TensorMap, int | None]]:
+  """The maps' order, each stack of layers written layer by layer: embeddings, every tensor of layer 0,
+  layer 1, ..., the final norm and head; then (multimodal) the ViT's the same way, then the projector."""
+  order: list[tuple[TensorMap, int | None]] = []
+  run: list[TensorMap] = []  # consecutive maps of one stack
+
+  def flush() -> None:
+    if run:
+      order.extend((m, i) for i in range(run[0].layers) for m in run)
+      run.clear()
+
+  for m in maps:
+    if not m.stacked or (run and _stack(run[0]) != _stack(m)):
+      flush()
+    if m.stacked:
+      run.append(m)
+    else:
+      order.append((m, None))
+  flush()
+  return order
+
+
+def _stack(m: TensorMap) -> tuple[LeafPath, int]:
+  """Which stack of layers a stacked map belongs to (its leaf up to the layers axis, and the count)."""
+  return m.leaf[:m.leaf.index("layers") + 1], m.layers
 
 
 def write_shards(path: Path | None, params: Any, maps: Sequence[TensorMap], cfg: ModelConfig,
@@ -561,7 +658,7 @@ def write_shards(path: Path | None, params: Any, maps: Sequence[TensorMap], cfg:
   file, so none is left gathering for a writer that gave up.
   """
   mode = new_file_mode()
-  order = _write_order(maps, cfg.n_layers)
+  order = _write_order(maps)
   leaf_dtype = lambda m: dtype or to_np_dtype(_get(params, m.leaf).dtype)  # noqa: E731
   sizes = [int(np.prod(m.shape)) * leaf_dtype(m).itemsize for m, _ in order]
   shard_of, used, shard = [], 0, 0
@@ -731,6 +828,15 @@ def new_file_mode() -> int:
   umask = os.umask(0o022)
   os.umask(umask)
   return 0o666 & ~umask
+
+
+def check_vit_heads(hidden: int, heads: int, head_dim: int | None, where: str) -> None:
+  """A ViT config's heads split its width evenly, and an explicit head_dim is that split (Pixtral's rule)."""
+  if heads <= 0 or hidden % heads:
+    raise UserError(f"{where}hidden_size={hidden} is not a multiple of num_attention_heads={heads}.")
+  if head_dim is not None and head_dim != hidden // heads:
+    raise UserError(f"{where}head_dim={head_dim}, but the ViT's head_dim is hidden_size / num_attention_heads "
+                     f"= {hidden // heads}.")
 
 
 def check_json_types(d: Mapping[str, Any], types: Mapping[str, type], where: str,

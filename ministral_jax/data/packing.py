@@ -20,6 +20,16 @@ packer, which fills `bins` rows at a time with whole examples and pads the
 rest. Its checkpoint is the parent position where the current group of rows
 began plus how many of them were emitted, so a restore re-packs that group
 and continues exactly.
+
+Images (chat with `image_slots` > 0): an example also carries its images'
+patches in merge order (`PATCH_FEATURES`: patches [n, p, p, 3] float32,
+patch_rows, patch_cols, patch_image [n] int32, the image's index within the
+example; n = 0 for a text-only example), and the first-fit packer budgets them
+per row like the tokens, so a row's patches and its `[IMG]` tokens come from
+the same conversations in the same order. A row then carries `IMAGE_FEATURES`
+[image_slots, ...]: its patch buffer with a row-unique image id per patch
+(0, 1, ... in order; `PAD_IMAGE` on padding), what `vision.Images` takes
+(`vision.from_batch`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import numpy as np
 
 from ministral_jax.data.tokenizers import Tokenizer
 from ministral_jax.errors import UserError
+from ministral_jax.model import vision
 
 Batch = dict[str, np.ndarray]
 FEATURES = ("inputs", "targets", "segment_ids", "positions")
@@ -38,6 +49,11 @@ FEATURES = ("inputs", "targets", "segment_ids", "positions")
 WHOLE_FEATURES = (*FEATURES, "loss_mask")
 EMITTED = "emitted"
 _INDEX = "index"
+# An example's image patches (n of them) and a packed row's patch buffer (image_slots of them).
+PATCH_FEATURES = ("patches", "patch_rows", "patch_cols", "patch_image")
+IMAGE_FEATURES = vision.BATCH_KEYS  # what `vision.from_batch` turns into the model's `Images`
+PAD_IMAGE = vision.PAD_IMAGE
+_PAD_VALUES = {"patch_images": PAD_IMAGE}
 
 
 def tokenize_fn(tokenizer: Tokenizer) -> Callable[[str], Batch]:
@@ -70,13 +86,16 @@ def pack(examples: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 
 def pad_batch(batch: Batch, batch_size: int) -> Batch:
-  """Pad a short final batch with all-padding rows (zeros everywhere, segment id 0)."""
+  """Pad a short final batch with all-padding rows (zeros everywhere, segment id 0, image id PAD_IMAGE)."""
   missing = batch_size - len(batch["inputs"])
-  return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()} if missing else batch
+  if not missing:
+    return batch
+  return {k: np.pad(v, ((0, missing),) + ((0, 0),) * (v.ndim - 1), constant_values=_PAD_VALUES.get(k, 0))
+          for k, v in batch.items()}
 
 
 def pack_whole(share: grain.MapDataset, to_example: Callable[[Any], Batch], seq_len: int, bins: int,
-               read_options: grain.ReadOptions) -> grain.IterDataset:
+               read_options: grain.ReadOptions, image_slots: int = 0) -> grain.IterDataset:
   """Whole examples (`inputs`, `targets`, `loss_mask`, each at most `seq_len`) first-fit into rows of `seq_len`.
 
   Rows have `WHOLE_FEATURES`, padding is 0 everywhere (segment id 0, loss
@@ -84,11 +103,18 @@ def pack_whole(share: grain.MapDataset, to_example: Callable[[Any], Batch], seq_
   emitted, so the iterator's state also lists the documents (positions in
   `share`) of the group's rows already emitted: a run continuing this stream
   (`pipeline.stream_position`) then skips exactly those.
+
+  With `image_slots` > 0 examples also carry `PATCH_FEATURES` (at most
+  `image_slots` patches each) and rows also `IMAGE_FEATURES` (see the module
+  docstring).
   """
-  if seq_len < 1 or bins < 1:
-    raise UserError(f"seq_len and chat_pack_bins must be positive, got seq_len={seq_len}, bins={bins}")
+  if seq_len < 1 or bins < 1 or image_slots < 0:
+    raise UserError(f"seq_len and chat_pack_bins must be positive and image_slots not negative, got "
+                    f"seq_len={seq_len}, bins={bins}, image_slots={image_slots}")
   examples = share.map_with_index(lambda i, doc: {**to_example(doc), _INDEX: i}).to_iter_dataset(read_options)
   lengths = {k: seq_len for k in ("inputs", "targets", "loss_mask")}
+  if image_slots:
+    lengths.update({k: image_slots for k in PATCH_FEATURES})
   packed = grain.experimental.FirstFitPackIterDataset(
       examples, length_struct=lengths, num_packing_bins=bins, shuffle_bins=False, meta_features=(_INDEX,))
   return _Tracked(packed)
@@ -114,8 +140,12 @@ class _TrackedIterator(grain.DatasetIterator):
       self._emitted = []
     else:
       self._emitted.extend(int(i) for i in row[_INDEX])
-    return {"inputs": row["inputs"], "targets": row["targets"], "segment_ids": row["inputs_segment_ids"],
-            "positions": row["inputs_positions"], "loss_mask": row["loss_mask"]}
+    out = {"inputs": row["inputs"], "targets": row["targets"], "segment_ids": row["inputs_segment_ids"],
+           "positions": row["inputs_positions"], "loss_mask": row["loss_mask"]}
+    if "patches" in row:
+      out.update(patches=row["patches"], patch_rows=row["patch_rows"], patch_cols=row["patch_cols"],
+                 patch_images=_row_image_ids(row["patch_image_segment_ids"], row["patch_image"]))
+    return out
 
   def get_state(self) -> dict[str, Any]:
     return {"packer": self._parent.get_state(), EMITTED: sorted(self._emitted)}
@@ -123,3 +153,17 @@ class _TrackedIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["packer"])
     self._emitted = [int(i) for i in state[EMITTED]]
+
+
+def _row_image_ids(segments: np.ndarray, image: np.ndarray) -> np.ndarray:
+  """Row-unique image ids 0, 1, ... from (example's segment id in the row, image index in the example).
+
+  The packer appends each example's patches after the row's earlier ones, so a
+  row's real patches come first and an image's patches are contiguous: a new
+  image starts wherever the (segment, index) pair changes. Padding (segment 0)
+  gets PAD_IMAGE.
+  """
+  real = segments > 0
+  change = np.ones(len(segments), bool)
+  change[1:] = (segments[1:] != segments[:-1]) | (image[1:] != image[:-1])
+  return np.where(real, np.cumsum(change) - 1, PAD_IMAGE).astype(np.int32)

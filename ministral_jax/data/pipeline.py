@@ -80,6 +80,18 @@ def data_config() -> ml_collections.ConfigDict:
   chat_pack_bins: (source "chat") each row slot packs whole conversations first-fit
     into this many rows at a time; more rows waste less padding and hold more
     conversations in flight.
+  image_slots: (source "chat") image patches one row may hold, a multiple of
+    image_merge**2 (0 = text only, the default: batches carry no image features and
+    image chunks in the data are an error). With it, batches also carry the rows'
+    patch buffers (`vision.from_batch`) and a conversation whose images need more
+    patches than this is cut or dropped like one longer than seq_len. "spm_train"
+    then also gives its tokenizer [IMG], [IMG_BREAK], [IMG_END].
+  image_preprocess: how the project's own renderer (spm_train tokenizers) resizes
+    and normalises images: "mistral" (mistral-common's ImageEncoder) or "hf"
+    (transformers' PixtralImageProcessor); see `images.py`. Mistral tokenizer files
+    always use mistral-common's.
+  image_patch_size, image_merge, image_max_size: the vision tower's patch side,
+    spatial merge and longest image side (the trainer fills them from the model).
   """
   return ml_collections.ConfigDict({
       "source": "builtin",
@@ -101,6 +113,11 @@ def data_config() -> ml_collections.ConfigDict:
       "skip_documents": "",
       "epochs": 0,
       "chat_pack_bins": 8,
+      "image_slots": 0,
+      "image_preprocess": "mistral",
+      "image_patch_size": 14,
+      "image_merge": 2,
+      "image_max_size": 1540,
   })
 # A handoff listing more skipped positions than this starts past them instead (some documents are then
 # left out, logged): at real scale that is a tiny fraction, and configs stay small.
@@ -150,7 +167,8 @@ def build_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> Tokeni
     return load_tokenizer(data_cfg.tokenizer)
   docs = documents(data_cfg, "train").shuffle(seed=_SPM_SAMPLE_SEED)
   sample = (docs[i] for i in range(len(docs)))  # read lazily: training stops at a character cap
-  path = spm_train.train_or_load(sample, data_cfg.spm_vocab_size, tokenizer_cache(workdir))
+  path = spm_train.train_or_load(sample, data_cfg.spm_vocab_size, tokenizer_cache(workdir),
+                                 image_tokens=data_cfg.get("image_slots", 0) > 0)
   return load_tokenizer(path)
 
 

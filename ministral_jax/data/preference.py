@@ -70,6 +70,9 @@ def parse_pair(record: Any, where: str) -> Pair:
   if not isinstance(messages, list):
     raise UserError(f'{where}: "prompt" is neither a string nor a list of messages')
   conversation = chat.parse_conversation({"messages": messages + [first]}, where)
+  if conversation.images:
+    raise UserError(f"{where}: preference pairs with images are not supported (DPO, Online DPO and the PWRM "
+                    "train text only); drop the image chunks, or fine-tune on images with SFT.")
   second_message = chat.parse_conversation({"messages": messages + [second]}, where).messages[-1]
   return Pair(conversation.messages[:-1], conversation.messages[-1], second_message, float(p), where)
 

@@ -20,6 +20,12 @@ render chat data for SFT (`chat.py`). SentencePiece never produces a control
 id from text, so plain encoding, and so pretraining, only loses those 6 ids
 of the vocabulary.
 
+A model for image data (`image_tokens=True`, which the pipeline asks for when
+`data.image_slots > 0`) also gets `IMAGE_CONTROL_TOKENS` ([IMG], [IMG_BREAK],
+[IMG_END]) right after those six, for the image layout `chat.py` renders. Only
+then: a text-only model's options, and so its file, name and ids, are exactly
+what they were before images existed.
+
 `vocab_size` is an upper bound: a corpus too small to support that many
 merges yields fewer pieces instead of failing, which still fits a model sized
 for `vocab_size`.
@@ -43,6 +49,7 @@ MAX_TRAIN_CHARS = 4_000_000
 _MAX_SENTENCE_BYTES = 16384
 _SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 CHAT_CONTROL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]")
+IMAGE_CONTROL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 _TRAINER_OPTIONS = {
     "model_type": "bpe",
     "normalization_rule_name": "identity",
@@ -58,8 +65,14 @@ _TRAINER_OPTIONS = {
     "control_symbols": list(CHAT_CONTROL_TOKENS),
     **_SPECIAL_IDS,
 }
-# 256 byte pieces + unk/bos/eos + the chat control tokens, plus room for merges.
+# 256 byte pieces + unk/bos/eos + the chat (and image) control tokens, plus room for merges.
 MIN_VOCAB_SIZE = 300
+
+
+def _options(image_tokens: bool) -> dict:
+  if not image_tokens:
+    return _TRAINER_OPTIONS  # text-only models stay byte-identical (and keep their cache names)
+  return {**_TRAINER_OPTIONS, "control_symbols": [*CHAT_CONTROL_TOKENS, *IMAGE_CONTROL_TOKENS]}
 
 
 def training_sentences(documents: Iterable[str], max_chars: int = MAX_TRAIN_CHARS) -> list[str]:
@@ -75,29 +88,33 @@ def training_sentences(documents: Iterable[str], max_chars: int = MAX_TRAIN_CHAR
   return sentences
 
 
-def _fingerprint(sentences: list[str], vocab_size: int) -> str:
-  digest = hashlib.sha256(json.dumps({"vocab_size": vocab_size, **_TRAINER_OPTIONS}, sort_keys=True).encode())
+def _fingerprint(sentences: list[str], vocab_size: int, options: dict) -> str:
+  digest = hashlib.sha256(json.dumps({"vocab_size": vocab_size, **options}, sort_keys=True).encode())
   for sentence in sentences:
     digest.update(sentence.encode("utf-8", errors="surrogatepass") + b"\n")
   return digest.hexdigest()[:16]
 
 
-def _train_bytes(sentences: list[str], vocab_size: int) -> bytes:
+def _train_bytes(sentences: list[str], vocab_size: int, options: dict) -> bytes:
   import sentencepiece
 
   model = io.BytesIO()
   try:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        num_threads=min(2, os.cpu_count() or 1), minloglevel=2, **_TRAINER_OPTIONS,
+        num_threads=min(2, os.cpu_count() or 1), minloglevel=2, **options,
     )
   except RuntimeError as exc:
     raise UserError(f"SentencePiece training with vocab_size={vocab_size} failed: {exc}") from exc
   return model.getvalue()
 
 
-def train_or_load(documents: Iterable[str], vocab_size: int, cache_dir: str | os.PathLike[str]) -> pathlib.Path:
-  """Path of a SentencePiece model trained on `documents`, training it only if no cached copy exists."""
+def train_or_load(documents: Iterable[str], vocab_size: int, cache_dir: str | os.PathLike[str], *,
+                  image_tokens: bool = False) -> pathlib.Path:
+  """Path of a SentencePiece model trained on `documents`, training it only if no cached copy exists.
+
+  `image_tokens` adds [IMG], [IMG_BREAK], [IMG_END] as control ids (for conversations with images).
+  """
   if vocab_size < MIN_VOCAB_SIZE:
     raise UserError(
         f"spm_vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use at least {MIN_VOCAB_SIZE}"
@@ -105,12 +122,13 @@ def train_or_load(documents: Iterable[str], vocab_size: int, cache_dir: str | os
   sentences = training_sentences(documents)
   if not sentences:
     raise UserError("cannot train a SentencePiece model: the training documents contain no text")
+  options = _options(image_tokens)
   cache_dir = pathlib.Path(cache_dir)
-  path = cache_dir / f"spm_{vocab_size}_{_fingerprint(sentences, vocab_size)}.model"
+  path = cache_dir / f"spm_{vocab_size}_{_fingerprint(sentences, vocab_size, options)}.model"
   if path.is_file():
     return path
   cache_dir.mkdir(parents=True, exist_ok=True)
-  data = _train_bytes(sentences, vocab_size)
+  data = _train_bytes(sentences, vocab_size, options)
   fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".model")
   try:
     with os.fdopen(fd, "wb") as f:

@@ -31,6 +31,14 @@ ARCH_FIELDS = (
     "yarn_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
     "yarn_mscale_all_dim", "query_temperature_beta", "query_temperature_len", "max_seq_len",
 )
+# Written into a checkpoint's architecture only when vision_layers > 0, so text-only checkpoints
+# and run identities stay byte for byte what they were before vision existed.
+VISION_FIELDS = (
+    "vision_layers", "vision_d_model", "vision_heads", "vision_d_ffn", "vision_patch_size",
+    "vision_image_size", "vision_rope_theta", "spatial_merge_size", "projector_bias", "image_token_id",
+    "image_break_id", "image_end_id",
+)
+ARCH_FIELDS = ARCH_FIELDS + VISION_FIELDS
 
 
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash", "pallas_gpu")
@@ -66,6 +74,20 @@ class ModelConfig:
   bos_id: int = 1
   eos_id: int = 2
   pad_id: int = 11
+  # Vision: the Pixtral ViT and the multimodal projector (model/vision.py). vision_layers = 0 is a
+  # text-only model: no vision parameters at all, checkpoints exactly as before.
+  vision_layers: int = 0
+  vision_d_model: int = 1024  # HF vision_config.hidden_size
+  vision_heads: int = 16  # MHA; head_dim = vision_d_model / vision_heads
+  vision_d_ffn: int = 4096
+  vision_patch_size: int = 14
+  vision_image_size: int = 1540  # longest side an image is resized to before patching
+  vision_rope_theta: float = 10_000.0
+  spatial_merge_size: int = 2  # the projector merges 2x2 patches into one [IMG] token
+  projector_bias: bool = False  # HF multimodal_projector_bias
+  image_token_id: int = 10  # [IMG]: replaced by image features
+  image_break_id: int = 12  # [IMG_BREAK], [IMG_END]: ordinary text embeddings
+  image_end_id: int = 13
 
   # --- execution ---
   param_dtype: str = "float32"
@@ -81,6 +103,8 @@ class ModelConfig:
   # same loop fully unrolled. Params are stacked `[layers, ...]` either way.
   scan_layers: bool = True
   matmul_precision: str = "default"  # "default" | "high" | "highest"
+  # False (the paper): the ViT gets no gradient (stop_gradient on its output) and no optimiser state.
+  train_vision_encoder: bool = False
 
   def __post_init__(self):
     for field in dataclasses.fields(self):  # first: the checks below compare and format the values
@@ -92,6 +116,16 @@ class ModelConfig:
     _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "even (RoPE rotates pairs)")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ffn"):
       _check(int(getattr(self, name)) > 0, name, getattr(self, name), "a positive integer")
+    if self.vision_layers:
+      _check(self.vision_layers > 0, "vision_layers", self.vision_layers, "0 (text only) or positive")
+      _check(self.vision_d_model % self.vision_heads == 0 and (self.vision_d_model // self.vision_heads) % 2 == 0,
+             "vision_heads", self.vision_heads, f"a divisor of vision_d_model={self.vision_d_model} leaving an "
+             "even head_dim (2D RoPE rotates pairs)")
+      for name in ("vision_d_ffn", "vision_patch_size", "vision_image_size", "spatial_merge_size"):
+        _check(int(getattr(self, name)) > 0, name, getattr(self, name), "a positive integer")
+      for name in ("image_token_id", "image_break_id", "image_end_id"):
+        _check(0 <= getattr(self, name) < self.vocab_size, name, getattr(self, name),
+               f"a token id below vocab_size={self.vocab_size}")
     _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
            f"one of {ATTENTION_IMPLS}")
     _check(8 <= self.attention_block and self.attention_block % 8 == 0, "attention_block", self.attention_block,
@@ -109,7 +143,8 @@ class ModelConfig:
     return self.n_heads // self.n_kv_heads
 
   def arch_dict(self) -> dict[str, Any]:
-    return {k: getattr(self, k) for k in ARCH_FIELDS}
+    fields = ARCH_FIELDS if self.vision_layers else ARCH_FIELDS[:-len(VISION_FIELDS)]
+    return {k: getattr(self, k) for k in fields}
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -224,6 +259,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=8192),
 }
 
+# Every Ministral 3 size and Mistral Small 3.1 pair the decoder with the same Pixtral ViT (24 layers,
+# 1024 wide, 16 heads, patch 14, images up to 1540 px) and a projector of the decoder's width
+# (ministral3_spec.md §5.1). The text presets stay text-only; `<name>_vision` is the whole model.
+VISION_PRESET = dict(vision_layers=24, vision_d_model=1024, vision_heads=16, vision_d_ffn=4096,
+                     vision_patch_size=14, vision_image_size=1540, vision_rope_theta=10_000.0,
+                     spatial_merge_size=2, projector_bias=False)
+for _name in ("mistral_small_3_1_24b", "ministral3_14b", "ministral3_8b", "ministral3_3b"):
+  PRESETS[f"{_name}_vision"] = {**PRESETS[_name], **VISION_PRESET}
+# A tiny ViT (patch 4, so a 16x16 image is 2x2 [IMG] tokens) on the tiny decoder, for tests.
+PRESETS["tiny_vision"] = {**PRESETS["tiny"], "vision_layers": 2, "vision_d_model": 32, "vision_heads": 2,
+                          "vision_d_ffn": 64, "vision_patch_size": 4, "vision_image_size": 64}
+
 # Published sizes, for the parameter-count test. Model cards give the language
 # model's size to 0.1B (Ministral 3: "3.4B / 8.4B / 13.5B language model +
 # 0.4B vision encoder"); Mistral Small 3.1 is "24B" for the whole model, so
@@ -253,7 +300,24 @@ def param_count(cfg: ModelConfig) -> int:
   attention = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   block = attention + 3 * d * f + 2 * d
   embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-  return cfg.n_layers * block + embed + d
+  return cfg.n_layers * block + embed + d + vision_param_count(cfg) + projector_param_count(cfg)
+
+
+def vision_param_count(cfg: ModelConfig) -> int:
+  """The ViT: patch conv, ln_pre, and its pre-norm blocks (MHA + SwiGLU, no biases)."""
+  if not cfg.vision_layers:
+    return 0
+  dv, p = cfg.vision_d_model, cfg.vision_patch_size
+  block = 4 * dv * dv + 3 * dv * cfg.vision_d_ffn + 2 * dv
+  return p * p * 3 * dv + dv + cfg.vision_layers * block
+
+
+def projector_param_count(cfg: ModelConfig) -> int:
+  """RMSNorm, the patch merger, and the two linears into the decoder's width."""
+  if not cfg.vision_layers:
+    return 0
+  dv, d, m = cfg.vision_d_model, cfg.d_model, cfg.spatial_merge_size ** 2
+  return dv + m * dv * dv + dv * d + d * d + (2 * d if cfg.projector_bias else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, backward: bool = True) -> float:

@@ -24,11 +24,11 @@ KVCache = tuple[jax.Array, jax.Array]  # k, v: [batch, cache_len, kv_heads, head
 _init = nn.initializers.normal(stddev=0.02)
 
 
-def _precision(cfg: ModelConfig):
+def precision(cfg: ModelConfig):
   return None if cfg.matmul_precision == "default" else cfg.matmul_precision
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init):
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init):
   cfg = module.cfg
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
 
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+    scale = param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.norm_eps)
     return normed.astype(x.dtype) * scale.astype(x.dtype)
@@ -47,17 +47,18 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  causal: bool = True  # False: bidirectional (the ViT)
 
   @nn.compact
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], q_scale: jax.Array,
                layout: Layout, cache: KVCache | None, write_index: jax.Array | None
                ) -> tuple[jax.Array, KVCache | None]:
-    cfg, dt, prec = self.cfg, jnp.dtype(self.cfg.dtype), _precision(self.cfg)
+    cfg, dt, prec = self.cfg, jnp.dtype(self.cfg.dtype), precision(self.cfg)
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim")).astype(dt)
-    wk = _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dt)
-    wv = _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dt)
-    wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed")).astype(dt)
+    wq = param(self, "wq", (d, n, h), ("embed", "heads", "head_dim")).astype(dt)
+    wk = param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dt)
+    wv = param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dt)
+    wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed")).astype(dt)
 
     q = jnp.einsum("btd,dnh->btnh", x, wq, precision=prec)  # [batch, seq, heads, head_dim]
     key = jnp.einsum("btd,dkh->btkh", x, wk, precision=prec)  # [batch, seq, kv_heads, head_dim]
@@ -71,7 +72,7 @@ class Attention(nn.Module):
       key, value = _write_cache(cache, key, value, write_index)
       cache = (key, value)
     out = attention_kernels.attend(q, key.astype(dt), value.astype(dt), layout, cfg.attention_impl,
-                                   causal=True, block=cfg.attention_block)
+                                   causal=self.causal, block=cfg.attention_block)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     return jnp.einsum("btnh,nhd->btd", out, wo, precision=prec), cache
 
@@ -90,10 +91,10 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cfg, dt, prec = self.cfg, jnp.dtype(self.cfg.dtype), _precision(self.cfg)
-    w1 = _param(self, "w1", (cfg.d_model, cfg.d_ffn), ("embed", "mlp")).astype(dt)
-    w3 = _param(self, "w3", (cfg.d_model, cfg.d_ffn), ("embed", "mlp")).astype(dt)
-    w2 = _param(self, "w2", (cfg.d_ffn, cfg.d_model), ("mlp", "embed")).astype(dt)
+    cfg, dt, prec = self.cfg, jnp.dtype(self.cfg.dtype), precision(self.cfg)
+    w1 = param(self, "w1", (cfg.d_model, cfg.d_ffn), ("embed", "mlp")).astype(dt)
+    w3 = param(self, "w3", (cfg.d_model, cfg.d_ffn), ("embed", "mlp")).astype(dt)
+    w2 = param(self, "w2", (cfg.d_ffn, cfg.d_model), ("mlp", "embed")).astype(dt)
     gate = jnp.einsum("btd,df->btf", x, w1, precision=prec)
     up = jnp.einsum("btd,df->btf", x, w3, precision=prec)
     hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
@@ -104,8 +105,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder layer; its signature is that of an `nn.scan` body."""
+  """One pre-norm layer (decoder or ViT); its signature is that of an `nn.scan` body."""
   cfg: ModelConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, h: jax.Array, cache: KVCache | None, rope: tuple[jax.Array, jax.Array],
@@ -113,7 +115,7 @@ class Block(nn.Module):
                ) -> tuple[jax.Array, KVCache | None]:
     residual_axes = ("activation_batch", "activation_length", "activation_embed")
     h = nn.with_logical_constraint(h, residual_axes)
-    attn_out, cache = Attention(self.cfg, name="attention")(
+    attn_out, cache = Attention(self.cfg, self.causal, name="attention")(
         RMSNorm(self.cfg, name="attention_norm")(h), rope, q_scale, layout, cache, write_index)
     h = h + attn_out
     h = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))

@@ -15,6 +15,15 @@ pass scans over them or unrolls the loop):
     norm/scale                     [d_model]
     output                         [d_model, vocab]   (absent when tied)
 
+and, only when `vision_layers > 0` (`model/vision.py`):
+
+    vision_encoder/patch_conv      [patch, patch, 3, vision_d_model]   (HWIO)
+    vision_encoder/ln_pre/scale    [vision_d_model]
+    vision_encoder/layers/...      the block above at the vision sizes
+    projector/norm/scale           [vision_d_model]
+    projector/merging_layer        [4 * vision_d_model, vision_d_model]
+    projector/w_in, w_out          [vision_d_model, d_model], [d_model, d_model]  (b_in, b_out if biased)
+
 Positions are per token, so packed documents restart at 0. Without a cache,
 token i attends to token j iff j <= i and both have the same segment id; the
 kernels get those ids, never a `[seq, seq]` mask (`attention_kernels.py`).
@@ -34,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from ministral_jax.errors import UserError
-from ministral_jax.model import context_parallel, layers, rope
+from ministral_jax.model import context_parallel, layers, rope, vision
 from ministral_jax.model.blockwise_attention import Layout
 from ministral_jax.model.config import ModelConfig
 
@@ -63,6 +72,9 @@ class Transformer(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
     self.norm = layers.RMSNorm(cfg)
+    if cfg.vision_layers:
+      self.vision_encoder = vision.VisionEncoder(cfg)
+      self.projector = vision.Projector(cfg)
     if not cfg.tie_embeddings:
       self.output = self.param(
           "output", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
@@ -70,16 +82,24 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
+               return_hidden: bool = False, images: vision.Images | None = None
+               ) -> tuple[jax.Array, Cache | None]:
     """tokens `[batch, seq]` -> logits `[batch, seq, vocab]` (or final hidden states).
 
-    Returns `(out, new_cache)`; `new_cache` is None when no cache is given.
+    `images`: each row's packed image patches; their features replace the
+    row's `[IMG]` tokens in order. Returns `(out, new_cache)`; `new_cache` is
+    None when no cache is given.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     batch, seq = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     h = jnp.take(self.tok_embeddings, tokens, axis=0).astype(dt)  # [batch, seq, d_model]
+    if images is not None:
+      if not cfg.vision_layers:
+        raise UserError("Images were given to a text-only model (model.vision_layers=0). Use a "
+                        "multimodal config (e.g. preset 'ministral3_3b_vision') or drop the images.")
+      h = vision.insert_image_features(h, tokens, self.image_features(images), cfg.image_token_id)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
     shards = context_parallel.context_shards()
     if cache is None:
@@ -105,6 +125,13 @@ class Transformer(nn.Module):
     if return_hidden:
       return h, cache
     return self.logits(h), cache
+
+  def image_features(self, images: vision.Images) -> jax.Array:
+    """Packed patches -> `[batch, slots / 4, d_model]` embeddings for the `[IMG]` tokens."""
+    features = self.vision_encoder(images)
+    if not self.cfg.train_vision_encoder:  # frozen: its backward pass is never built
+      features = jax.lax.stop_gradient(features)
+    return self.projector(features)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final hidden states `[..., d_model]` -> logits `[..., vocab]` (compute dtype)."""
@@ -147,7 +174,7 @@ def _abstract_boxed(cfg: ModelConfig) -> Any:
   activation constraints would ask for concrete shardings.
   """
   model = Transformer(cfg)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), **_init_inputs(cfg)))["params"]
 
 
 def param_logical_axes(cfg: ModelConfig) -> Any:
@@ -163,4 +190,14 @@ def abstract_params(cfg: ModelConfig) -> Any:
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   """Random parameters as a plain nested dict of arrays (single device)."""
   model = Transformer(cfg)
-  return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+  return nn.unbox(model.init(rng, **_init_inputs(cfg))["params"])
+
+
+def _init_inputs(cfg: ModelConfig) -> dict[str, Any]:
+  """The smallest inputs that reach every parameter (one 2x2 block of patches for a vision model)."""
+  inputs = {"tokens": jnp.zeros((1, 1), jnp.int32)}
+  if cfg.vision_layers:
+    slots, p = cfg.spatial_merge_size ** 2, cfg.vision_patch_size
+    ids = jnp.zeros((1, slots), jnp.int32)
+    inputs["images"] = vision.Images(jnp.zeros((1, slots, p, p, 3)), ids, ids, ids)
+  return inputs

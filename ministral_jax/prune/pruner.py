@@ -33,6 +33,7 @@ import numpy as np
 
 from ministral_jax import sharding
 from ministral_jax.errors import UserError
+from ministral_jax.model import config as model_config
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.prune import calibration, rewrite, scorers
 
@@ -93,6 +94,11 @@ def check(parent: ModelConfig, target: ModelConfig, pcfg: ml_collections.ConfigD
     problems.append("head layout: the target has " + ", ".join(f"{f}={getattr(target, f)}" for f in heads)
                     + ", the parent " + ", ".join(f"{f}={getattr(parent, f)}" for f in heads)
                     + "; heads are never pruned (paper: 32/8 x 128 at every size), so set them to the parent's")
+  vision = [f"{f}={getattr(target, f)!r} (parent {getattr(parent, f)!r})" for f in model_config.VISION_FIELDS
+            if getattr(target, f) != getattr(parent, f)]
+  if vision:
+    problems.append("vision tower: the target has " + ", ".join(vision) + "; every child shares its parent's "
+                    "ViT (only the projector follows the new width), so set these fields to the parent's")
   for step, field in STEP_FIELD.items():
     want, have = getattr(target, field), getattr(parent, field)
     if want > have:

@@ -111,6 +111,8 @@ def apply_plan(params: Any, plan: Plan, tie: bool | None = None, tie_init: str =
   params = {**params, "layers": jax.lax.map(child_block, (ids, plan.ffn))}
   if plan.rotation is not None:
     params = rotate.rotate_ends(params, plan.rotation)
+    if "projector" in params:  # a multimodal child: its own projector, the parent's ViT
+      params["projector"] = rotate.rotate_projector(params["projector"], plan.rotation)
   if tie is True and "output" in params:
     params = tie_embeddings(params, tie_init)
   elif tie is False and "output" not in params:

@@ -15,6 +15,8 @@ writes it by Q on its output side:
 
     tok_embeddings <- E Q        wo, w2 <- W Q        wq, wk, wv, w1, w3, output <- Q^T W
 
+A multimodal model's projector writes the stream too (`rotate_projector`).
+
 With d' = d the result computes exactly the parent's logits. With d' < d
 the child's RMSNorm averages over d' channels, so its gains become
 sqrt(d / d') (the rms of the kept part is measured over fewer channels);
@@ -41,7 +43,7 @@ def fold_norm_gains(params: Any) -> dict:
   """The same function with every RMSNorm gain equal to 1 (the gains moved into the readers); untied."""
   head = params["output"] if "output" in params else params["tok_embeddings"].T
   g = params["norm"]["scale"]
-  return {"tok_embeddings": params["tok_embeddings"], "layers": jax.vmap(fold_block)(params["layers"]),
+  return {**params, "layers": jax.vmap(fold_block)(params["layers"]),
           "norm": {"scale": jnp.ones_like(g)}, "output": (g[:, None] * head).astype(head.dtype)}
 
 
@@ -85,7 +87,28 @@ def rotate_residual(params: Any, q: jax.Array) -> dict:
   """The whole model folded and rotated by Q `[d, d']` (one layer at a time); the untied child."""
   check_rotation(params, q)
   layers = jax.lax.map(lambda block: rotate_block(fold_block(block), q), params["layers"])
-  return rotate_ends({**params, "layers": layers}, q)
+  out = rotate_ends({**params, "layers": layers}, q)
+  if "projector" in params:
+    out["projector"] = rotate_projector(params["projector"], q)
+  return out
+
+
+def rotate_projector(projector: Any, q: jax.Array) -> dict:
+  """The multimodal projector of a child of width d': its output writes the residual stream at the `[IMG]`
+  positions (as the embedding does elsewhere), so `w_out <- W Q`; its inner GELU width is the text width in
+  every Mistral 3 checkpoint, so it shrinks to d' too, keeping the channels j with the largest
+  ||w_in[:, j]|| * ||(w_out Q)[j]|| (no calibration images needed; exact at d' = d, where all are kept in
+  order). The ViT, the norm and the patch merger sit before it and are shared unchanged."""
+  d, d_new = q.shape
+  w_out = _rot("jd,dk->jk", projector["w_out"], q, projector["w_out"])  # [d (inner), d']
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  weight = jnp.linalg.norm(f32(projector["w_in"]), axis=0) * jnp.linalg.norm(f32(w_out), axis=1)
+  keep = jnp.sort(jax.lax.top_k(weight, d_new)[1])
+  out = {**projector, "w_in": jnp.take(projector["w_in"], keep, axis=1), "w_out": jnp.take(w_out, keep, axis=0)}
+  if "b_in" in projector:
+    out["b_in"] = jnp.take(projector["b_in"], keep)
+    out["b_out"] = _rot("d,dk->k", projector["b_out"], q, projector["b_out"])
+  return out
 
 
 def check_rotation(params: Any, q: jax.Array) -> tuple[int, int]:

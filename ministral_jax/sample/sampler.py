@@ -44,7 +44,7 @@ import numpy as np
 
 from ministral_jax import multihost
 from ministral_jax.errors import UserError
-from ministral_jax.model import layers, rope, transformer
+from ministral_jax.model import layers, rope, transformer, vision
 from ministral_jax.model.config import ModelConfig
 
 
@@ -98,13 +98,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(params: Any, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache_len: int
-            ) -> tuple[jax.Array, transformer.Cache]:
-  """Runs the prompts; returns the logits at each row's last real token `[batch, vocab]` and the cache."""
+def prefill(params: Any, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache_len: int,
+            images: vision.Images | None = None) -> tuple[jax.Array, transformer.Cache]:
+  """Runs the prompts (their images, if any, through the ViT once); returns the logits at each row's last
+  real token `[batch, vocab]` and the cache."""
   batch, seq = tokens.shape
   cache = transformer.init_cache(cfg, batch, cache_len)
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  logits, cache = transformer.Transformer(cfg).apply({"params": params}, tokens, positions, cache=cache)
+  logits, cache = transformer.Transformer(cfg).apply({"params": params}, tokens, positions, cache=cache,
+                                                     images=images)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return last, cache
 
@@ -284,11 +286,12 @@ def _decode(params: Any, layer_params: list[Any], cfg: ModelConfig, token: jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "samples"))
-def _rollout(params, cfg: ModelConfig, tokens, lengths, stop_ids, rng, sampling: Sampling, samples: int):
+def _rollout(params, cfg: ModelConfig, tokens, lengths, stop_ids, rng, sampling: Sampling, samples: int,
+             images: vision.Images | None = None):
   """tokens `[prompts, width]`, lengths `[prompts]`, stop_ids `[prompts, n_stop]` (-1: none) ->
   generated tokens, log-probs `[prompts * samples, max_new]`, lengths, stopped `[prompts * samples]`, trips."""
   n_new = sampling.max_new_tokens
-  logits, cache = prefill(params, cfg, tokens, lengths, tokens.shape[1])  # the prompts' slots only
+  logits, cache = prefill(params, cfg, tokens, lengths, tokens.shape[1], images)  # the prompts' slots only
   cache = _decode_cache(cache, samples, tokens.shape[1] + n_new)
   copy = lambda x: jnp.repeat(x, samples, axis=0)  # each prompt's state, once per sample
   logits, position, stop_ids = copy(logits), copy(lengths), copy(stop_ids)
@@ -322,13 +325,15 @@ def _rollout(params, cfg: ModelConfig, tokens, lengths, stop_ids, rng, sampling:
 
 def rollout(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: Sampling,
             rng: jax.Array, samples: int = 1, stop_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
-            partitioner=None, width: int = 0) -> Rollout:
+            partitioner=None, width: int = 0, images: Sequence[Sequence[np.ndarray]] | None = None
+            ) -> Rollout:
   """`samples` continuations of every prompt (this process's prompts; on a pod each process passes its own
   rows of the global batch and gets its own rows back).
 
   `stop_ids`: one list for every prompt, or a list per prompt (default: the model's EOS). `width` fixes the
   padded prompt width (default: the bucket of the longest prompt). With a `partitioner` the rows are split
-  over its data axes; its mesh must be active (`partitioner.activate()`).
+  over its data axes; its mesh must be active (`partitioner.activate()`). `images`: per prompt, its
+  preprocessed images (`[3, H, W]`, `data/images.py`) in the order of its `[IMG]` runs.
   """
   problems = sampling.check() + ([] if samples >= 1 else [f"samples={samples!r}: at least 1"])
   if problems:
@@ -346,9 +351,15 @@ def rollout(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sam
     rows = -(-rows // shards) * shards
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)]) if rows > n else x
   args = [pad(tokens), pad(lengths), pad(stops)]
+  if images is not None:
+    vision.check_image_tokens(prompts, images, cfg)
+    per_row = list(images) + [images[-1]] * (rows - n)
+    need = max(sum(vision.patch_count(p, cfg) for p in row) for row in per_row)
+    args.append(vision.pack_images(per_row, bucket(need, cfg.spatial_merge_size ** 2), cfg.vision_patch_size,
+                                   cfg.spatial_merge_size))
   if partitioner is not None:
     args = partitioner.shard_batch(args)
-  out = _rollout(params, cfg, *[jnp.asarray(a) for a in args], rng, sampling, samples)
+  out = _rollout(params, cfg, *[jnp.asarray(a) for a in args[:3]], rng, sampling, samples, *args[3:])
   fetch = multihost.local_rows if partitioner is not None else multihost.host_value  # own rows / every row
   toks, logps, lens, stopped = (fetch(x) for x in out[:4])
   trips = int(multihost.host_value(out[4]))
@@ -371,11 +382,13 @@ def _stop_table(stop_ids, n: int, eos_id: int) -> np.ndarray:
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, rng: jax.Array | None = None, eos_id: int | None = None,
-             prompt_width: int = 0, top_p: float = 1.0, top_k: int = 0) -> list[list[int]]:
-  """Greedy (temperature 0) or sampled continuations of every prompt; each ends after its first EOS
-  (`eos_id=-1`: never stops early). On a pod, every process passes and gets back every row."""
+             prompt_width: int = 0, top_p: float = 1.0, top_k: int = 0,
+             images: Sequence[Sequence[np.ndarray]] | None = None) -> list[list[int]]:
+  """Greedy (temperature 0) or sampled continuations of every prompt (with its `images`, if any); each ends
+  after its first EOS (`eos_id=-1`: never stops early). On a pod, every process passes and gets back every
+  row."""
   eos = cfg.eos_id if eos_id is None else eos_id
   sampling = Sampling(float(temperature), float(top_p), int(top_k), int(max_new_tokens))
   rng = jax.random.key(0) if rng is None else rng
-  out = rollout(params, cfg, prompts, sampling, rng, stop_ids=[eos], width=prompt_width)
+  out = rollout(params, cfg, prompts, sampling, rng, stop_ids=[eos], width=prompt_width, images=images)
   return out.completions()

@@ -28,6 +28,7 @@ from etils import epath
 
 from ministral_jax import files, sharding
 from ministral_jax.checkpoint import convert, orbax_io
+from ministral_jax.data import images as image_io
 from ministral_jax.data import tokenizers
 from ministral_jax.errors import UserError
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig, param_count
@@ -52,7 +53,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
   model = plan_model(cfg, epath.Path(workdir), tokenizer)
   tokenizers.check_vocab_fits(tokenizer, model.cfg.vocab_size)
-  prompt_ids = encode_prompts(prompts, tokenizer, model.cfg, cfg.max_new_tokens)
+  images = read_images(cfg.get("images", ""), len(prompts), model.cfg, tokenizer)
+  prompt_ids = encode_prompts(prompts, tokenizer, model.cfg, cfg.max_new_tokens, images)
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
   partitioner.param_shardings(model.cfg)  # the mesh must divide the model
   # Checks done; from here on the job writes.
@@ -62,7 +64,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.time()
   with partitioner.activate():
     outputs = sampler.generate(params, model_cfg, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                               jax.random.key(cfg.seed), eos_id=tokenizer.eos_id)
+                               jax.random.key(cfg.seed), eos_id=tokenizer.eos_id,
+                               images=[[p.pixels] for p in images] if images else None)
   seconds = time.time() - start
   samples = [{"prompt": p, "completion": tokenizer.decode(o), "tokens": o} for p, o in zip(prompts, outputs)]
   for s in samples:
@@ -127,10 +130,34 @@ def _read_text(path: str) -> str:
                     "at a text file with one prompt per line.") from None
 
 
+def read_images(spec: str, n_prompts: int, model_cfg: ModelConfig, tokenizer: tokenizers.Tokenizer
+                ) -> list[image_io.ProcessedImage]:
+  """`config.images`: comma-separated image files, one per prompt (or one for every prompt), preprocessed for
+  the model's ViT (mistral-common's encoder); [] without images. Checked before any work."""
+  paths = [p.strip() for p in spec.split(",")] if spec else []
+  if not paths:
+    return []
+  if not model_cfg.vision_layers:
+    raise UserError(f"config.images names {len(paths)} image(s) but the model is text-only "
+                    "(vision_layers=0); sample a multimodal checkpoint or preset (e.g. tiny_vision).")
+  if len(paths) not in (1, n_prompts):
+    raise UserError(f"config.images names {len(paths)} images for {n_prompts} prompts; give one per prompt, "
+                    "or one for every prompt.")
+  image_io.check_model_ids(tokenizer, model_cfg.image_token_id, model_cfg.image_break_id, model_cfg.image_end_id)
+  processed = [image_io.preprocess_mistral(image_io.load_image(p, name=f"config.images {p}"),
+                                           model_cfg.vision_image_size, model_cfg.vision_patch_size,
+                                           model_cfg.spatial_merge_size) for p in paths]
+  return processed * n_prompts if len(processed) == 1 else processed
+
+
 def encode_prompts(prompts: Sequence[str], tokenizer: tokenizers.Tokenizer, model_cfg: ModelConfig,
-                   max_new_tokens: int) -> list[list[int]]:
-  """Token ids (with BOS), each prompt checked to leave room for its continuation in the model's context."""
+                   max_new_tokens: int, images: Sequence[image_io.ProcessedImage] = ()) -> list[list[int]]:
+  """Token ids (with BOS; a prompt's image's [IMG] layout right after it), each prompt checked to leave room
+  for its continuation in the model's context."""
   ids = [tokenizer.encode(p, bos=True) for p in prompts]
+  if images:
+    ids = [t[:1] + image_io.image_tokens(*image.grid, model_cfg.image_token_id, model_cfg.image_break_id,
+                                         model_cfg.image_end_id) + t[1:] for t, image in zip(ids, images)]
   for i, (p, t) in enumerate(zip(prompts, ids)):
     if len(t) + max_new_tokens > model_cfg.max_seq_len:
       room = model_cfg.max_seq_len - len(t)

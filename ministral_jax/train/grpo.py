@@ -108,6 +108,9 @@ class Prompt:
 
 def prompt_of(conversation: chat.Conversation, tokenizer) -> Prompt:
   """The tokens before the final assistant message, and its reference answer."""
+  if conversation.images:
+    raise UserError(f"{conversation.where}: GRPO prompts with images are not supported (its rollouts are "
+                    "text only); drop the image chunks.")
   rendered = chat.render(conversation, tokenizer)
   starts = np.flatnonzero(np.diff(np.concatenate([[0], rendered.mask])) == 1)
   final = conversation.messages[-1].content

@@ -70,6 +70,8 @@ class Task:
   updates_per_step: int = 1
   # A periodic eval that is not a loss (GRPO: held-out accuracy): (params, tokenizer) -> metrics.
   evaluate: Callable[..., dict] | None = None
+  # Metrics reported beside the eval loss (SFT on image QA: held-out answer accuracy): same signature.
+  extra_eval: Callable[..., dict] | None = None
   eval_at_start: bool = False  # also evaluate the starting params (step 0): the "before" of a fine-tune
   tokens_per_step: int = 0  # for tokens/s (default: global_batch x seq_len)
   perplexity: bool = True  # the eval loss is a token NLL, so exp(loss) is reported as eval_ppl
@@ -167,7 +169,8 @@ def compile_step(cfg: ml_collections.ConfigDict, task: Task, model_cfg: model_co
   """The job's exact train step lowered and compiled from shapes alone (real sizes on a simulated mesh):
   `task.frozen` may hold ShapeDtypeStructs. `features` names the batch's `[global_batch, seq_len]` int32
   arrays, or maps each name to its (shape, dtype). Returns the compiled program (`.memory_analysis()`)."""
-  tx, _ = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step)
+  tx, _ = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step,
+                                  optimizer.frozen_params(model_cfg))
   param_shardings = partitioner.param_shardings(model_cfg)
   abstract_state, state_shardings = _abstract_state(model_cfg, tx, partitioner, param_shardings)
   state = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
@@ -267,7 +270,8 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   out = epath.Path(workdir) / "params"
   task: Task = make_task(cfg, model_cfg, partitioner)
   expected["task"] = task.name
-  tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step)
+  tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps * task.updates_per_step,
+                                         optimizer.frozen_params(model_cfg))
   rows = partitioner.process_rows(cfg.train.global_batch)
   data = task.train_data(cfg.data, tokenizer, cfg.train.global_batch, seed=cfg.seed, rows=rows)
   if cfg.train.eval_every and not task.evaluate:  # a bad eval record fails now, before the checkpoints exist
@@ -287,7 +291,8 @@ def _run(cfg, workdir, make_task, model_cfg, partitioner, sources) -> dict:
   loss_eval = jax.jit(lambda p, b, f: eval_loss(p, b, f, jax.random.key(0)),
                       in_shardings=(param_shardings, partitioner.batch_sharding(2), task.frozen_shardings))
   eval_fn = ((lambda params: task.evaluate(params, tokenizer)) if task.evaluate else
-             (lambda params: evaluate(loss_eval, params, task, cfg, tokenizer, partitioner)))
+             (lambda params: {**evaluate(loss_eval, params, task, cfg, tokenizer, partitioner),
+                              **(task.extra_eval(params, tokenizer) if task.extra_eval else {})}))
   start_step = int(state.step)
   writer = metrics.MetricsWriter(workdir, start_step, prefix=cfg.train.log_prefix)
   meta = {k: expected[k] for k in ("model", "task", "settings", "tokenizer")}

@@ -11,7 +11,7 @@ which keeps one optimizer update per step and costs no optimizer memory.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -50,10 +50,21 @@ def _decay_mask(params: Any) -> Any:
       lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+def frozen_params(model_cfg: Any) -> tuple[str, ...]:
+  """Top-level params no job updates: the ViT, shared by every size and frozen as in the paper
+  (model.train_vision_encoder=True trains it too)."""
+  return ("vision_encoder",) if model_cfg.vision_layers and not model_cfg.train_vision_encoder else ()
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, frozen: Sequence[str] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ global-norm clipping); the top-level params named in `frozen` get no update and no state."""
   schedule = learning_rate_schedule(cfg, total_steps)
   chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=_decay_mask))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if frozen:
+    labels = lambda params: {k: "frozen" if k in frozen else "trained" for k in params}  # noqa: E731
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

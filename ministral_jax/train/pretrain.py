@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from ministral_jax.model import transformer
+from ministral_jax.model import transformer, vision
 from ministral_jax.model.config import ModelConfig
 from ministral_jax.train import loop, losses
 
@@ -20,9 +20,11 @@ def loss_config() -> ml_collections.ConfigDict:
 
 def hidden_and_head(model_cfg: ModelConfig, params, batch: dict, module=None):
   """Final hidden states `[batch, seq, d_model]` and the LM head `[d_model, vocab]` in compute dtype.
-  `module` replaces the plain decoder (e.g. its fp8 training version, `model/fp8.py`)."""
+  `module` replaces the plain decoder (e.g. its fp8 training version, `model/fp8.py`). A batch with image
+  patches (SFT on conversations with images) feeds them to the ViT."""
   hidden, _ = (module or transformer.Transformer(model_cfg)).apply(
-      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True)
+      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True,
+      images=vision.from_batch(batch))
   return hidden, transformer.output_matrix(params, model_cfg).astype(hidden.dtype)
 
 

@@ -34,13 +34,16 @@ import json
 import random
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
 from ministral_jax import files, multihost
 from ministral_jax.checkpoint import convert
-from ministral_jax.data import chat, pipeline
+from ministral_jax.data import chat, pipeline, shapes
+from ministral_jax.data import images as image_io
 from ministral_jax.errors import UserError
+from ministral_jax.eval import answers
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ModelConfig, flops_per_token
 from ministral_jax.rewards import tasks as task_suite
@@ -65,7 +68,8 @@ def make_task(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, partitione
   s = cfg.sft
   module = _module(cfg, model_cfg)
   next_token = pretrain.make_loss(model_cfg, cfg.loss, module)
-  data = dict(train_data=chat.chat_iterator, eval_data=chat.chat_eval_batches)
+  data = dict(train_data=_checked(chat.chat_iterator, model_cfg), eval_data=chat.chat_eval_batches,
+              extra_eval=_answer_eval(cfg, model_cfg))
   if not s.kd_weight:
     return loop.Task("sft", next_token, **data)
   teacher_params, teacher_cfg = teacher or distill.load_teacher(cfg, model_cfg, partitioner, block="sft")
@@ -87,12 +91,44 @@ def compile_abstract(cfg: ml_collections.ConfigDict, teacher_cfg: ModelConfig | 
     teacher = (checkpointing.abstract_with_shardings(transformer.abstract_params(teacher_cfg),
                                                      partitioner.param_shardings(teacher_cfg)), teacher_cfg)
   task = make_task(cfg, model_cfg, partitioner, teacher)
-  return loop.compile_step(cfg, task, model_cfg, partitioner, chat.FEATURES)
+  features = {k: ((cfg.train.global_batch, cfg.data.seq_len), jnp.int32) for k in chat.FEATURES}
+  if cfg.data.get("image_slots"):  # each row's patch buffer
+    rows, p = (cfg.train.global_batch, cfg.data.image_slots), model_cfg.vision_patch_size
+    features.update(patches=((*rows, p, p, 3), jnp.float32), patch_rows=(rows, jnp.int32),
+                    patch_cols=(rows, jnp.int32), patch_images=(rows, jnp.int32))
+  return loop.compile_step(cfg, task, model_cfg, partitioner, features)
+
+
+def _checked(iterator, model_cfg: ModelConfig):
+  """The chat iterator, after checking that data with images numbers its image tokens as the model does."""
+  def make(data_cfg, tokenizer, *args, **kwargs):
+    if data_cfg.get("image_slots"):
+      image_io.check_model_ids(tokenizer, model_cfg.image_token_id, model_cfg.image_break_id,
+                               model_cfg.image_end_id)
+    return iterator(data_cfg, tokenizer, *args, **kwargs)
+  return make
+
+
+def _answer_eval(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig):
+  """Held-out answer accuracy beside the eval loss when `eval.answers.paths` names QA records (image QA)."""
+  a = cfg.eval.get("answers")
+  if not a or not a.paths:
+    return None
+  records = answers.read_records(a.paths, a.n)  # a bad file fails now, before any step
+  settings = chat.image_settings(cfg.data)
+  def evaluate(params, tokenizer) -> dict[str, float]:
+    result = answers.accuracy(params, model_cfg, records, tokenizer, settings, a.batch_size, a.max_new_tokens)
+    return {f"eval_{k}": v for k, v in result.items()}
+  return evaluate
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:
   """What only SFT needs, before any work."""
   s, problems = cfg.sft, []
+  if cfg.data.get("image_slots") and not cfg.model.get("vision_layers"):
+    problems.append(f"data.image_slots={cfg.data.image_slots}: the data carries images but the model has no "
+                    "vision tower (model.vision_layers=0); use a multimodal model (e.g. preset "
+                    "'ministral3_3b_vision', or configs/vision_tiny.py) or set data.image_slots=0")
   if cfg.data.source != "chat":
     problems.append(f"data.source={cfg.data.source!r}: SFT reads conversations; set data.source='chat' and "
                     "data.paths to JSONL files of {\"messages\": [...]}")
@@ -141,6 +177,17 @@ def _conversation(problem: task_suite.Problem, style: str, long: bool) -> dict:
   return {"messages": messages[:-1] + [{"role": "assistant", "content": messages[-1]["thinking"]}]}
 
 
+def write_shapes_data(s: ml_collections.ConfigDict, root: epath.Path) -> tuple[str, str]:
+  """The synthetic image-QA task (`data/shapes.py`) as train / held-out JSONL, written once (atomically)."""
+  train, heldout = root / "shapes_train.jsonl", root / "shapes_heldout.jsonl"
+  if not (train.exists() and heldout.exists()):
+    root.mkdir(parents=True, exist_ok=True)
+    shapes.write_split(str(train), shapes.build_split(s.seed, s.train, "train", s.size))
+    shapes.write_split(str(heldout), shapes.build_split(s.seed + 1, s.heldout, "heldout", s.size))
+  multihost.sync("sft:shapes-data")
+  return str(train), str(heldout)
+
+
 def pretrain_parent(cfg: ml_collections.ConfigDict, root: epath.Path, prefix: str = "[sft parent]") -> tuple[str, str]:
   """A tiny parent pretrained on `parent.data` in <root> (resumable); its params and its tokenizer file."""
   p = cfg.parent
@@ -158,8 +205,15 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.Conf
   cfg = copy.deepcopy(cfg)
   root = epath.Path(workdir)
   with cfg.unlocked():
-    if not cfg.data.paths and "tasks" in cfg:
+    if not cfg.data.paths and "shapes" in cfg:
+      cfg.data.paths, cfg.data.eval_paths = write_shapes_data(cfg.shapes, root / "data")
+      if "answers" in cfg.eval and not cfg.eval.answers.paths:
+        cfg.eval.answers.paths = cfg.data.eval_paths
+    elif not cfg.data.paths and "tasks" in cfg:
       cfg.data.paths, cfg.data.eval_paths = write_task_data(cfg.tasks, root / "data")
+    if cfg.model.get("vision_layers") and cfg.data.get("image_slots"):  # the ViT's geometry, not the data's
+      cfg.data.update(image_patch_size=cfg.model.vision_patch_size, image_merge=cfg.model.spatial_merge_size,
+                      image_max_size=cfg.model.vision_image_size)
     if not cfg.init_from and cfg.get("parent") and (cfg.parent.checkpoint or cfg.parent.steps):
       if cfg.parent.checkpoint:
         cfg.init_from = cfg.parent.checkpoint
