@@ -599,6 +599,16 @@ def render(conversation: Conversation, tokenizer: Tokenizer, settings: ImageSett
   return _render_own(conversation, tokenizer, settings)
 
 
+def prompt_before_answer(messages: Sequence[dict], tokenizer: Tokenizer, settings: ImageSettings | None = None,
+                         where: str = "prompt") -> tuple[list[int], list[np.ndarray]]:
+  """The tokens a model sees before it answers `messages` (ending with a user turn), rendered exactly as
+  training renders them, and the images among them (evals and samplers ask with this)."""
+  conversation = parse_conversation({"messages": [*messages, {"role": "assistant", "content": "."}]}, where)
+  rendered = render(conversation, tokenizer, settings)
+  first = int(np.argmax(rendered.mask))  # the assistant's first token
+  return rendered.tokens[:first].tolist(), list(rendered.images)
+
+
 def _patches_through(rendered: Rendered, settings: ImageSettings) -> list[int]:
   """Image patches within the end of each exchange."""
   total = np.cumsum([0, *(settings.patches(p) for p in rendered.images)])

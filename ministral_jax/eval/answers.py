@@ -50,11 +50,7 @@ def prompt(record: dict, tokenizer: Tokenizer, settings: chat.ImageSettings) -> 
   """The tokens the model sees before it answers (through the last user turn) and that turn's images."""
   messages = list(record["messages"])
   last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-  conversation = chat.parse_conversation(
-      {"messages": messages[:last_user + 1] + [{"role": "assistant", "content": "."}]}, record["where"])
-  rendered = chat.render(conversation, tokenizer, settings)
-  first = int(np.argmax(rendered.mask))  # the assistant's first token
-  return rendered.tokens[:first].tolist(), list(rendered.images)
+  return chat.prompt_before_answer(messages[:last_user + 1], tokenizer, settings, record["where"])
 
 
 def accuracy(params: Any, model_cfg: ModelConfig, records: Sequence[dict], tokenizer: Tokenizer,

@@ -62,11 +62,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 def prompt_ids(prompt: str, tokenizer: tokenizers.Tokenizer) -> list[int]:
   """The tokens a model sees before it answers: the conversation up to the assistant's first token."""
-  conversation = chat.parse_conversation({"messages": [{"role": "user", "content": prompt},
-                                                       {"role": "assistant", "content": "."}]}, "prompt")
-  rendered = chat.render(conversation, tokenizer)
-  first = int(np.argmax(rendered.mask))  # the assistant's first token
-  return rendered.tokens[:first].tolist()
+  return chat.prompt_before_answer([{"role": "user", "content": prompt}], tokenizer)[0]
 
 
 def _sample(params, model_cfg, prompts: list[list[int]], g, tokenizer, rng: jax.Array,
