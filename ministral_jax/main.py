@@ -40,6 +40,7 @@ TASKS = {
     "odpo": "ministral_jax.train.odpo",
     "eval_generate": "ministral_jax.eval.generate",
     "eval": "ministral_jax.eval.task",
+    "lm_eval": "ministral_jax.eval.harness",
     "prune": "ministral_jax.prune.task",
     "prune_ablation": "ministral_jax.prune.ablation",
     "cascade": "ministral_jax.cascade.task",

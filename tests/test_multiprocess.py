@@ -152,6 +152,24 @@ def test_the_eval_task_on_two_processes_matches_one_process(pretrain_runs, tmp_p
     np.testing.assert_allclose(two[name]["loss"], one[name]["loss"], rtol=1e-6)
 
 
+@pytest.mark.xdist_group("pod_pretrain")
+def test_lm_eval_on_two_processes_scores_what_one_process_scores(pretrain_runs, tmp_path):
+  single, _ = pretrain_runs
+  args = ["--config=configs/lm_eval_tiny.py", f"--config.eval.checkpoint={single / 'params'}",
+          "--config.eval.local_docs=6", "--config.eval.batch_size=4", "--config.eval.log_samples=true"]
+  _single([*args, f"--workdir={tmp_path / 'one'}"])
+  _pod([*args, f"--workdir={tmp_path / 'two'}"], tmp_path)
+  one, two = (json.loads((tmp_path / d / "lm_eval.json").read_text()) for d in ("one", "two"))
+  assert one["n-samples"] == two["n-samples"]
+  for task in one["results"]:
+    a, b = (sorted(r["samples"][task], key=lambda s: s["doc_id"]) for r in (one, two))
+    assert [s["filtered_resps"] for s in a if isinstance(s["filtered_resps"][0], str)] == \
+        [s["filtered_resps"] for s in b if isinstance(s["filtered_resps"][0], str)]  # generated text: equal
+    for key, value in one["results"][task].items():
+      if isinstance(value, float):
+        np.testing.assert_allclose(two["results"][task][key], value, rtol=1e-6, err_msg=f"{task} {key}")
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
   """A random 2-layer parent to prune (pruning needs no trained weights to be compared)."""

@@ -32,6 +32,8 @@ model larger than one accelerator converts on a machine that has one.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ from ministral_jax.checkpoint import hf, native, safetensors_io
 from ministral_jax.errors import EXIT_USER_ERROR, UserError
 from ministral_jax.model import transformer
 from ministral_jax.model.config import ARCH_FIELDS, ModelConfig
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "native", "orbax")
 Params = dict[str, Any]
@@ -104,12 +108,12 @@ LOADERS: dict[str, Callable[[str, str | None, bool, Any, bool], tuple[Params, Mo
         path, dtype=dtype, allow_non_finite=nf, shardings=_shardings(part), text_only=text_only),
     "orbax": _load_orbax,
 }
-# (params, config, path, overwrite, max_shard_bytes, allow_non_finite)
-SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int, bool], Any]] = {
-    "hf": lambda p, c, path, ow, shard, nf: hf.save_hf(p, c, path, max_shard_bytes=shard, overwrite=ow,
-                                                       allow_non_finite=nf),
-    "native": lambda p, c, path, ow, shard, nf: native.save_native(p, c, path, max_shard_bytes=shard,
-                                                                   overwrite=ow, allow_non_finite=nf),
+# (params, config, path, overwrite, max_shard_bytes, allow_non_finite, files to ship beside the weights)
+SAVERS: dict[str, Callable[[Params, ModelConfig, str, bool, int, bool, dict[str, str]], Any]] = {
+    "hf": lambda p, c, path, ow, shard, nf, extra: hf.save_hf(p, c, path, max_shard_bytes=shard, overwrite=ow,
+                                                              allow_non_finite=nf, extra_files=extra),
+    "native": lambda p, c, path, ow, shard, nf, extra: native.save_native(
+        p, c, path, max_shard_bytes=shard, overwrite=ow, allow_non_finite=nf, extra_files=extra),
     "orbax": _save_orbax,
 }
 
@@ -241,8 +245,22 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, dtype: str | N
     _save_orbax(params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite,
                 extra_metadata={"tokenizer": tokenizer} if tokenizer else None)
   else:
-    SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite)
+    SAVERS[dst_format](params, cfg, dst, overwrite, max_shard_bytes, allow_non_finite, tokenizer_files(tokenizer))
   return cfg
+
+
+def tokenizer_files(identity: dict[str, Any] | None) -> dict[str, str]:
+  """The tokenizer file an export ships (`tekken.json` or `tokenizer.model`, the names Mistral's HF and
+  native releases use, so `AutoTokenizer` and mistral-common load it): the file the source records, if it is
+  still there unchanged. Otherwise none, with a warning."""
+  if not identity:
+    return {}
+  from ministral_jax.data import tokenizers
+  source = str(identity.get("source", ""))
+  if not os.path.isfile(source) or tokenizers.file_sha256(source) != identity.get("sha256"):
+    log.warning("The export ships no tokenizer: the source's tokenizer %s is gone or changed.", source)
+    return {}
+  return {"tekken.json" if identity.get("kind") == "tekken" else "tokenizer.model": source}
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -386,8 +386,10 @@ def _shard_name(k: int, n: int) -> str:
 
 
 def save_hf(params: Any, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            dtype: Any = None, overwrite: bool = False, allow_non_finite: bool = False) -> Path:
-  """Exports to an HF directory (config.json, shards, index): a text-only CausalLM, or for a vision model
+            dtype: Any = None, overwrite: bool = False, allow_non_finite: bool = False,
+            extra_files: dict[str, str] | None = None) -> Path:
+  """Exports to an HF directory (config.json, shards, index, and `extra_files`: name -> source file, e.g.
+  the tokenizer's `tekken.json`, which `AutoTokenizer` loads): a text-only CausalLM, or for a vision model
   a Mistral3ForConditionalGeneration under the v5 tensor names.
 
   Written into a temporary sibling directory and renamed into place; an
@@ -410,5 +412,6 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | Path, max_shard_bytes: in
     if len(set(weight_map.values())) > 1:
       io.write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     io.write_json(tmp / CONFIG_FILE, config_to_hf(cfg, dtype_name))
+    io.copy_files(tmp, extra_files)
   io.write_directory(path, overwrite, fill, collective=io.spread_over_processes(params))
   return Path(path)

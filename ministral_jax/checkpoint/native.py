@@ -249,9 +249,11 @@ def _shard_name(k: int, n: int) -> str:
 
 def save_native(params: Any, cfg: ModelConfig, path: str | Path,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None,
-                overwrite: bool = False, allow_non_finite: bool = False) -> Path:
+                overwrite: bool = False, allow_non_finite: bool = False, extra_files: dict[str, str] | None = None
+                ) -> Path:
   """Exports params.json + consolidated*.safetensors (atomically, checked finite and streamed from params
-  spread over several processes, like `hf.save_hf`)."""
+  spread over several processes, like `hf.save_hf`); `extra_files` (name -> source file, e.g. the tokenizer)
+  are copied in before the directory appears."""
   io.check_params(params, cfg)
   np_dtype = io.to_np_dtype(dtype) if dtype is not None else None
 
@@ -259,5 +261,6 @@ def save_native(params: Any, cfg: ModelConfig, path: str | Path,
     io.write_shards(tmp, params, _maps(cfg), cfg, _shard_name, max_shard_bytes, np_dtype, allow_non_finite)
     if tmp is not None:
       io.write_json(tmp / PARAMS_FILE, config_to_params_json(cfg))
+      io.copy_files(tmp, extra_files)
   io.write_directory(path, overwrite, fill, collective=io.spread_over_processes(params))
   return Path(path)

@@ -856,6 +856,12 @@ def write_json(file: Path, obj: Any) -> None:
   file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def copy_files(directory: Path, files: dict[str, str] | None) -> None:
+  """Copies each source file to `directory / name` (files shipped beside the weights, e.g. a tokenizer)."""
+  for name, source in (files or {}).items():
+    shutil.copyfile(source, directory / name)
+
+
 def read_json(file: Path, what: str) -> dict[str, Any]:
   if not file.is_file():
     raise FileNotFoundError(f"{file} not found: {what}")

@@ -25,7 +25,11 @@ from ministral_jax.train import pretrain
 
 
 def eval_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(checkpoint="", files="", batch_size=8, max_batches=0))
+  """Task `eval`'s fields, and task `lm_eval`'s (`eval/harness.py`), so either runs on any experiment's
+  workdir."""
+  from ministral_jax.eval import harness
+  return ml_collections.ConfigDict(dict(checkpoint="", files="", batch_size=8, max_batches=0,
+                                        **harness.harness_config()))
 
 
 def mean_loss(loss_fn, params, batches, partitioner) -> dict[str, float]:
