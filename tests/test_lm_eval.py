@@ -175,12 +175,27 @@ def test_requests_that_cannot_be_served_are_one_clear_error(setup):
     harness_model.MinistralLM(checkpoint="", partitioner=ours.partitioner)
 
 
-def test_the_chat_template_is_the_sft_rendering_and_its_ids_survive_the_text_round_trip(setup):
+def test_the_chat_template_is_the_sft_rendering_of_the_whole_history_and_its_ids_survive_the_text(setup):
   ours = setup[2]
-  history = [{"role": "user", "content": "What is 2 + 2?"}]
+  history = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 1 + 1?"},
+             {"role": "assistant", "content": "2"}, {"role": "user", "content": "What is 2 + 2?"}]
   text = ours.apply_chat_template(history)
-  assert ours.tok_encode(text) == chat.prompt_before_answer(history, ours.tok)[0]
-  assert ours.tok_encode(text + " 4") == chat.prompt_before_answer(history, ours.tok)[0] + ours.tok.encode(" 4")
+  expected = chat.render(chat.parse_conversation({"messages": [*history, {"role": "assistant", "content": "4"}]},
+                                                 "test"), ours.tok)
+  answer = int(np.flatnonzero(np.asarray(expected.mask))[-2])  # "4" then EOS: the last answer's first token
+  assert ours.tok_encode(text) == expected.tokens[:answer].tolist()
+  assert "What is 1 + 1?" in text and "Answer with a number." in text and text.endswith("[/INST]")
+  assert ours.tok_encode(text + " 4") == expected.tokens[:answer].tolist() + ours.tok.encode(" 4")
+
+
+def test_sampled_generation_follows_the_task_temperature_and_repeats_with_the_seed(setup):
+  ours = setup[2]
+  args = [("x = 1\ny =", {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0})] * 2
+  first = ours.generate_until(_requests("generate_until", args), disable_tqdm=True)
+  greedy = ours.generate_until(_requests("generate_until", [(args[0][0], {"until": [], "max_gen_toks": 8})]),
+                               disable_tqdm=True)
+  assert first[0] != first[1] or first[0] != greedy[0]  # two samples of a near-uniform model differ
+  assert ours.generate_until(_requests("generate_until", args), disable_tqdm=True) == first
 
 
 def _task_config(checkpoint, **eval_fields):

@@ -605,7 +605,8 @@ def prompt_before_answer(messages: Sequence[dict], tokenizer: Tokenizer, setting
   training renders them, and the images among them (evals and samplers ask with this)."""
   conversation = parse_conversation({"messages": [*messages, {"role": "assistant", "content": "."}]}, where)
   rendered = render(conversation, tokenizer, settings)
-  first = int(np.argmax(rendered.mask))  # the assistant's first token
+  mask = np.asarray(rendered.mask, np.int8)
+  first = int(np.flatnonzero(np.diff(mask, prepend=0) == 1)[-1])  # the first token of the last answer
   return rendered.tokens[:first].tolist(), list(rendered.images)
 
 

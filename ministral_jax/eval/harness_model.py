@@ -18,7 +18,8 @@ Speed comes from doing fewer, larger forward passes than there are requests:
   - rows are sorted by length and batched `batch_size` at a time, padded to a power-of-two length, so a
     whole run compiles a handful of programs, one per length bucket;
   - only the scored positions' logits are computed: the model returns hidden states and the LM head runs
-    on the gathered `[scored tokens, d_model]` rows, never on `[batch, seq, vocab]`;
+    on the gathered `[scored tokens, d_model]` rows, never on `[batch, seq, vocab]`, and tile by tile over
+    the vocab with a running log-sum-exp, so no `[positions, vocab]` block is written and read back;
   - the batch is split over the mesh's data axes by the `Partitioner`, the params keep their shardings.
 Generation stops a row at EOS or at any token whose text contains a stop string; a stop string that spans
 tokens is still cut from the text, it only costs the tokens generated past it.
@@ -49,29 +50,70 @@ from ministral_jax.sample import sampler
 
 log = logging.getLogger(__name__)
 
-LOGIT_CHUNK = 256  # scored positions whose logits `[chunk, vocab]` exist at once
+LOGIT_CHUNK = 256  # scored positions per step of the head
+LOGIT_TILE = 4096  # vocab columns per tile: a `[chunk, tile]` block of logits stays in cache
+MIN_WIDTH = 64  # the shortest padded row: short requests share one compiled program
 Request = tuple[tuple[str, str] | None, list[int], list[int]]  # ((context, continuation), ctx ids, cont ids)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def score_positions(params: Any, cfg: ModelConfig, tokens: jax.Array, rows: jax.Array, cols: jax.Array,
-                    targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """tokens `[batch, seq]`; rows, cols, targets `[n]` -> (log p(targets[i] | tokens[rows[i], :cols[i] + 1]),
-  whether targets[i] is that position's argmax), both `[n]`. n is a multiple of `LOGIT_CHUNK` or smaller."""
-  model = transformer.Transformer(cfg)
-  hidden, _ = model.apply({"params": params}, tokens, return_hidden=True)  # [batch, seq, d_model]
-  picked = hidden[rows, cols]  # [n, d_model]
-  chunk = min(LOGIT_CHUNK, picked.shape[0])  # both powers of two
+def vocab_tile(vocab: int) -> int:
+  """The largest divisor of `vocab` up to LOGIT_TILE (the whole vocab when that is too small to help)."""
+  tile = max(d for d in range(1, min(vocab, LOGIT_TILE) + 1) if vocab % d == 0)
+  return tile if tile >= 512 else vocab
 
-  def one(args):
-    h, y = args  # [chunk, d_model], [chunk]
-    logits = model.apply({"params": params}, h[:, None], method=transformer.Transformer.logits)[:, 0]
-    logits = logits.astype(jnp.float32)  # [chunk, vocab]
-    logp = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-    return logp, jnp.argmax(logits, axis=-1) == y
+
+def _head_scores(h: jax.Array, y: jax.Array, head: jax.Array, cfg: ModelConfig, greedy: bool
+                 ) -> tuple[jax.Array, jax.Array]:
+  """h `[chunk, d_model]`, targets y `[chunk]`, head `[d_model, vocab]` -> log p(y), y is the first argmax.
+
+  The head runs tile by tile over the vocab with a running max and sum (the log-sum-exp of flash attention),
+  so `[chunk, vocab]` logits never exist: written whole and read back by the softmax they made this step
+  memory-bound, 3.8x slower on CPU for a 131K vocab (`benchmarks/lm_eval_speed.py`).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  prec = None if cfg.matmul_precision == "default" else cfg.matmul_precision
+  d_model, vocab = head.shape
+  tile = vocab_tile(vocab)
+  tiles = jnp.moveaxis(head.reshape(d_model, vocab // tile, tile), 1, 0)  # [tiles, d_model, tile]
+
+  def step(carry, xs):
+    top, total, picked, best, arg = carry  # each [chunk]
+    w, k = xs
+    logits = jnp.einsum("cd,dv->cv", h, w.astype(dt), precision=prec).astype(jnp.float32)  # [chunk, tile]
+    tile_top = jnp.max(logits, axis=-1)
+    new_top = jnp.maximum(top, tile_top)
+    total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1)
+    local = y - k * tile
+    inside = (local >= 0) & (local < tile)
+    picked = jnp.where(inside, jnp.take_along_axis(logits, jnp.clip(local, 0, tile - 1)[:, None], -1)[:, 0],
+                       picked)
+    if greedy:  # the first maximum: a later tile wins only when strictly larger
+      better = tile_top > best
+      arg = jnp.where(better, k * tile + jnp.argmax(logits, axis=-1), arg)
+      best = jnp.where(better, tile_top, best)
+    return (new_top, total, picked, best, arg), None
+
+  n = h.shape[0]
+  init = (jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)), jnp.full((n,), -jnp.inf),
+          jnp.zeros((n,), jnp.int32))
+  (top, total, picked, _, arg), _ = jax.lax.scan(step, init, (tiles, jnp.arange(vocab // tile)))
+  return picked - (top + jnp.log(total)), (arg == y) if greedy else jnp.zeros((n,), bool)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"))
+def score_positions(params: Any, cfg: ModelConfig, tokens: jax.Array, rows: jax.Array, cols: jax.Array,
+                    targets: jax.Array, greedy: bool = True) -> tuple[jax.Array, jax.Array]:
+  """tokens `[batch, seq]`; rows, cols, targets `[n]` -> (log p(targets[i] | tokens[rows[i], :cols[i] + 1]),
+  whether targets[i] is that position's argmax (the first maximum, as torch's argmax; all False without
+  `greedy`)), both `[n]`. n is a multiple of `LOGIT_CHUNK` or smaller. The head runs on the scored
+  positions only."""
+  hidden, _ = transformer.Transformer(cfg).apply({"params": params}, tokens, return_hidden=True)  # [b, s, d]
+  picked = hidden[rows, cols]  # [n, d_model]
+  head = transformer.output_matrix(params, cfg)  # [d_model, vocab]
+  chunk = min(LOGIT_CHUNK, picked.shape[0])  # both powers of two
   split = lambda x: x.reshape(-1, chunk, *x.shape[1:])
-  logp, greedy = jax.lax.map(one, (split(picked), split(targets)))
-  return logp.reshape(-1), greedy.reshape(-1)
+  logp, is_max = jax.lax.map(lambda a: _head_scores(*a, head, cfg, greedy), (split(picked), split(targets)))
+  return logp.reshape(-1), is_max.reshape(-1)
 
 
 @register_model("ministral_jax")
@@ -183,9 +225,10 @@ class MinistralLM(TemplateLM):
     return None, string
 
   # --- loglikelihood ----------------------------------------------------------------------------------
-  def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any
-                            ) -> list[tuple[float, bool]]:
-    """Each request's (sum of continuation log-probs, all greedy); inputs shared between requests run once."""
+  def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, greedy: bool = True,
+                            **kwargs: Any) -> list[tuple[float, bool]]:
+    """Each request's (sum of continuation log-probs, all greedy); inputs shared between requests run once.
+    `greedy=False` leaves the flags False (rolling log-likelihoods never read them)."""
     if not requests:
       return []
     wanted: list[tuple[tuple[int, ...], list[int]]] = []  # per request: its input row, its continuation
@@ -209,22 +252,23 @@ class MinistralLM(TemplateLM):
     for start in range(0, len(rows), self.batch):
       chunk = rows[start:start + self.batch]
       picks = [(r, i) for r, row in enumerate(chunk) for i in by_row[row]]
-      logp, greedy = self._score(chunk, [(r, wanted[i][1]) for r, i in picks])
+      logp, is_max = self._score(chunk, [(r, wanted[i][1]) for r, i in picks], greedy)
       offset = 0
       for r, i in picks:
         n = len(wanted[i][1])
-        out[i] = (float(np.sum(logp[offset:offset + n], dtype=np.float64)), bool(np.all(greedy[offset:offset + n])))
+        out[i] = (float(np.sum(logp[offset:offset + n], dtype=np.float64)), bool(np.all(is_max[offset:offset + n])))
         offset += n
       bar.update(len(picks))
     bar.close()
     return out
 
-  def _score(self, rows: list[tuple[int, ...]], picks: list[tuple[int, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+  def _score(self, rows: list[tuple[int, ...]], picks: list[tuple[int, list[int]]], greedy: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Runs `rows` (padded into one bucketed batch) and returns, for every (row, continuation) in `picks`
     in order, each continuation token's log-prob and whether it was the argmax."""
     shards = self.partitioner.axis_size(self.partitioner.spec(("activation_batch",))[0])
     batch = -(-self.batch // shards) * shards
-    width = min(sampler.bucket(len(rows[0]), 16), self.cfg.max_seq_len)
+    width = min(sampler.bucket(len(rows[0]), MIN_WIDTH), self.cfg.max_seq_len)
     tokens = np.full((batch, width), self.cfg.pad_id, np.int32)
     for r, row in enumerate(rows):
       tokens[r, :len(row)] = row
@@ -236,8 +280,8 @@ class MinistralLM(TemplateLM):
     start, stop = self.partitioner.process_rows(batch)
     with self.partitioner.activate():
       sharded = self.partitioner.shard_batch(tokens[start:stop])
-      logp, greedy = score_positions(self.params, self.cfg, sharded, *(jnp.asarray(g) for g in gather))
-    return multihost.host_value(logp)[:n], multihost.host_value(greedy)[:n]
+      logp, is_max = score_positions(self.params, self.cfg, sharded, *(jnp.asarray(g) for g in gather), greedy)
+    return multihost.host_value(logp)[:n], multihost.host_value(is_max)[:n]
 
   def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
     """Whole-document log-likelihoods: disjoint windows of up to `max_length` predicted tokens, each with
@@ -251,7 +295,7 @@ class MinistralLM(TemplateLM):
         windows.append((None, context, predicted))
         owner.append(d)
     totals = [0.0] * len(requests)
-    for d, (logp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm)):
+    for d, (logp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm, greedy=False)):
       totals[d] += logp
     for req, total in zip(requests, totals):
       self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -307,7 +351,7 @@ class MinistralLM(TemplateLM):
     rng = jax.random.fold_in(jax.random.key(self.seed), salt)
     with self.partitioner.activate():
       rollout = sampler.rollout(self.params, self.cfg, mine, sampling, rng, stop_ids=stops,
-                                partitioner=self.partitioner, width=sampler.bucket(longest, 16))
+                                partitioner=self.partitioner, width=sampler.bucket(longest, MIN_WIDTH))
     rows = rollout.completions()
     if procs > 1:
       rows = [r for part in multihost.gather_json(rows) for r in part]

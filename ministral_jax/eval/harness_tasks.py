@@ -6,7 +6,8 @@ files, so the harness runs them with no download:
   mj_code_mc    multiple_choice (loglikelihood): the right-hand side of an assignment among four, the others
                 taken from other assignments; acc, acc_norm
   mj_code_line  generate_until: the rest of a code line from its first words, stop at newline; exact_match
-  mj_code_ppl   loglikelihood_rolling: held-out source files, cut to `ppl_chars`; word/byte perplexity, bits/byte
+  mj_code_ppl   loglikelihood_rolling: `ppl_chars`-character pieces of held-out files; word/byte perplexity,
+                bits/byte
 
 The documents come from the corpus's eval split (`data/sources.py`), which training on the built-in corpus
 never sees, so a model pretrained here is measured on text it has not trained on. Few-shot examples come
@@ -116,7 +117,9 @@ def _line_completion(docs: list[str], rng: np.random.Generator, n: int) -> list[
 
 
 def _documents(docs: list[str], rng: np.random.Generator, n: int, chars: int) -> list[dict]:
-  return [{"text": docs[k][:chars]} for k in rng.permutation(len(docs))[:n]]
+  """Consecutive `chars`-character pieces of the held-out files (they are few, and long)."""
+  pieces = [doc[i:i + chars] for doc in docs for i in range(0, len(doc), chars) if doc[i:i + chars].strip()]
+  return [{"text": pieces[k]} for k in rng.permutation(len(pieces))[:n]]
 
 
 def write(out_dir: str | pathlib.Path, n: int = 64, shots: int = 8, ppl_chars: int = 2000, seed: int = 0
@@ -132,7 +135,7 @@ def write(out_dir: str | pathlib.Path, n: int = 64, shots: int = 8, ppl_chars: i
               "mj_code_ppl": lambda m: _documents(docs, rng, m, ppl_chars)}
   for name, build in builders.items():
     rows = build(n + shots)
-    cut = min(n, len(rows) - shots)  # the held-out files are few: the test split gives way first
+    cut = min(n, len(rows) - shots)  # a small corpus: the test split gives way first
     for split, part in (("test", rows[:cut]), ("validation", rows[cut:])):
       files.write_text(out / f"{name}.{split}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
     files.write_text(out / f"{name}.yaml", f"task: {name}\n" + _COMMON.format(dir=out, name=name) + _YAML[name])

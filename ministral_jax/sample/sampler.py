@@ -101,14 +101,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -
 def prefill(params: Any, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache_len: int,
             images: vision.Images | None = None) -> tuple[jax.Array, transformer.Cache]:
   """Runs the prompts (their images, if any, through the ViT once); returns the logits at each row's last
-  real token `[batch, vocab]` and the cache."""
+  real token `[batch, vocab]` and the cache. The LM head runs on those last positions only: over the whole
+  prompt it would cost batch x width x vocab, more than the rest of a small model's prefill."""
   batch, seq = tokens.shape
   cache = transformer.init_cache(cfg, batch, cache_len)
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  logits, cache = transformer.Transformer(cfg).apply({"params": params}, tokens, positions, cache=cache,
-                                                     images=images)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache
+  model = transformer.Transformer(cfg)
+  hidden, cache = model.apply({"params": params}, tokens, positions, cache=cache, images=images, return_hidden=True)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [batch, 1, d_model]
+  return model.apply({"params": params}, last, method=transformer.Transformer.logits)[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
