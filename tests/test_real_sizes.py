@@ -135,3 +135,22 @@ def test_real_size_cascade_long_context_stage_compiles_at_262k_tokens_with_conte
   record_property("cascade_long_temp_bytes", mem.temp_size_in_bytes)
   assert mem.argument_size_in_bytes == pytest.approx(3 * student_bytes + teacher_bytes, rel=1e-2)
   assert mem.argument_size_in_bytes + mem.temp_size_in_bytes < 95 * gib  # one v5p chip
+
+
+def test_real_size_lm_eval_scoring_compiles_on_8_devices(record_property):
+  """configs/lm_eval_ministral3.py's scoring program: the 3B in bf16 split over 8 devices (fsdp), 32 rows of
+  4,096 tokens (a 5-shot MMLU prompt is ~1-2K), 256 scored positions. The LM head runs tile by tile: the
+  `[256, 131072]` fp32 logits (128 MiB) never exist."""
+  from ministral_jax.eval import harness_model
+  cfg = configs.load(os.path.join(REPO, "configs", "lm_eval_ministral3.py") + ":/ckpt/3b")
+  part = sharding.Partitioner.from_config(cfg.mesh)
+  assert dict(part.mesh.shape) == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
+  model = config.preset("ministral3_3b", param_dtype="bfloat16", dtype="bfloat16")
+  mem = harness_model.compile_abstract(model, part, cfg.eval.batch_size, 4096, 256).memory_analysis()
+  _, param_bytes = abstract.param_bytes(model, part)
+  gib = 2**30
+  print(f"\nlm_eval 3B, per device: params {param_bytes / gib:.2f} GiB; compiled: arguments "
+        f"{mem.argument_size_in_bytes / gib:.2f} GiB, temporaries {mem.temp_size_in_bytes / gib:.2f} GiB")
+  record_property("lm_eval_temp_bytes", mem.temp_size_in_bytes)
+  assert mem.argument_size_in_bytes == pytest.approx(param_bytes, rel=1e-2)  # the params (+ token ids)
+  assert mem.temp_size_in_bytes < 8 * gib

@@ -85,6 +85,15 @@ def task_manager(names: list[str], e: ml_collections.ConfigDict, workdir: str):
   return tm
 
 
+def _quiet_datasets() -> None:
+  """`datasets` draws a progress bar per split it prepares; ours is the one over requests."""
+  from absl import flags
+  if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def _checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   path = cfg.eval.checkpoint or str(epath.Path(workdir) / "params")
   if not epath.Path(path).exists():
@@ -108,6 +117,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise UserError("The lm_eval config has problems:\n  " + "\n  ".join(problems))
   path = _checkpoint(cfg, workdir)
   names = [t.strip() for t in e.tasks.split(",") if t.strip()]
+  if set(names) <= set(harness_tasks.TASKS) and not e.include_path:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never ask the Hub
+  _quiet_datasets()
   tm = task_manager(names, e, workdir)
   import lm_eval
   from lm_eval import utils as lm_utils

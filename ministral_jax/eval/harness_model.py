@@ -399,3 +399,15 @@ def _flag(value: bool | str) -> bool:
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def compile_abstract(cfg: ModelConfig, partitioner: Any, batch: int, width: int, scored: int,
+                     greedy: bool = True) -> Any:
+  """The scoring program for `batch` rows of `width` tokens and `scored` positions, compiled without weights
+  (real sizes on paper: `tests/test_real_sizes.py`)."""
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        transformer.abstract_params(cfg), partitioner.param_shardings(cfg))
+  tokens = jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=partitioner.batch_sharding(2))
+  index = jax.ShapeDtypeStruct((scored,), jnp.int32)
+  with partitioner.activate():
+    return score_positions.lower(params, cfg, tokens, index, index, index, greedy).compile()
