@@ -127,7 +127,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   partitioner = sharding.Partitioner.from_config(cfg.mesh)
   model = harness_model.MinistralLM(checkpoint=path, tokenizer=_tokenizer_spec(cfg, path, workdir),
                                     batch_size=e.batch_size, max_length=e.max_length, max_gen_toks=e.max_gen_toks,
-                                    chat_template=e.chat_template, partitioner=partitioner,
+                                    partitioner=partitioner,
                                     show_progress=jax.process_index() == 0)
   start = time.time()
   out = lm_eval.simple_evaluate(

@@ -6,7 +6,8 @@
 
 Every flag is lm-eval's (`lm_eval --help`). model_args: checkpoint (orbax, HF or Mistral-native), tokenizer
 (default: the checkpoint's), batch_size, max_length, max_gen_toks, mesh (axes joined by `+`, e.g.
-`mesh=data=2+fsdp=-1`), add_bos_token, chat_template, seed. On a pod every host runs the same command.
+`mesh=data=2+fsdp=-1`), add_bos_token, seed; `--apply_chat_template` renders prompts in Mistral's instruct
+format (SFT's). On a pod every host runs the same command.
 """
 
 from ministral_jax import sharding

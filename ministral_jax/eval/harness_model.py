@@ -127,7 +127,7 @@ class MinistralLM(TemplateLM):
 
   def __init__(self, checkpoint: str = "", tokenizer: str | tokenizers.Tokenizer = "", batch_size: int | str = 16,
                max_length: int = 0, max_gen_toks: int = 256, mesh: str = "", add_bos_token: bool = True,
-               chat_template: bool = False, seed: int = 0, *, params: Any = None, model_cfg: ModelConfig | None = None,
+               seed: int = 0, *, params: Any = None, model_cfg: ModelConfig | None = None,
                partitioner: Any = None, show_progress: bool = True, **unused: Any) -> None:
     super().__init__()
     from ministral_jax.checkpoint import convert
@@ -136,7 +136,8 @@ class MinistralLM(TemplateLM):
     unused.pop("max_batch_size", None)
     if unused:
       raise UserError(f"Unknown model_args for ministral_jax: {sorted(unused)}. Known: checkpoint, tokenizer, "
-                      "batch_size, max_length, max_gen_toks, mesh, add_bos_token, chat_template, seed.")
+                      "batch_size, max_length, max_gen_toks, mesh, add_bos_token, seed. (The chat template is "
+                      "lm-eval's --apply_chat_template.)")
     self.partitioner = partitioner or sharding.Partitioner.from_config(
         convert.parse_mesh(mesh.replace("+", ",")) if mesh else sharding.mesh_config())
     if params is None:
@@ -158,7 +159,6 @@ class MinistralLM(TemplateLM):
                       "(model.max_seq_len); give a length up to that, or 0 for it.")
     self._max_gen_toks = int(max_gen_toks)
     self.add_bos_token = _flag(add_bos_token)
-    self.use_chat = _flag(chat_template)
     self.seed = int(seed)
     self.show_progress = show_progress
     self.truncated = 0  # requests whose context lost tokens on the left (counted, as the harness warns)
@@ -187,6 +187,7 @@ class MinistralLM(TemplateLM):
     return str(self.tok.identity().get("source", "")).replace("/", "__")
 
   def chat_template(self, chat_template: bool | str = False) -> str | None:
+    """The name lm-eval records for `--apply_chat_template`: ours is Mistral's instruct format."""
     return "mistral_instruct" if chat_template else None
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
