@@ -268,7 +268,7 @@ class MinistralLM(TemplateLM):
     """Runs `rows` (padded into one bucketed batch) and returns, for every (row, continuation) in `picks`
     in order, each continuation token's log-prob and whether it was the argmax."""
     shards = self.partitioner.axis_size(self.partitioner.spec(("activation_batch",))[0])
-    batch = -(-self.batch // shards) * shards
+    batch = _round_up(self.batch, shards)
     width = min(sampler.bucket(len(rows[0]), MIN_WIDTH), self.cfg.max_seq_len)
     tokens = np.full((batch, width), self.cfg.pad_id, np.int32)
     for r, row in enumerate(rows):

@@ -75,8 +75,8 @@ metric_list:
 
 
 def _held_out_sources() -> list[str]:
-  return [text for text in (sources._read_entry(e) for e in sources.split_entries(sources.builtin_entries(), "eval"))
-          if text.strip()]
+  docs = sources.as_dataset(sources.split_entries(sources.builtin_entries(), "eval"), "the built-in eval split")
+  return [text for text in docs if text.strip()]
 
 
 def _assignments(docs: list[str]) -> list[tuple[str, str, str]]:
